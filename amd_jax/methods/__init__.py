@@ -1,0 +1,26 @@
+"""Pre-training methods behind one interface (amd_jax.methods.base.Method).
+
+`get_method(config)` maps config.method to its class. Imports are lazy so a
+method's dependencies load only when it is used.
+"""
+from __future__ import annotations
+
+import importlib
+
+# name -> (module, class)
+REGISTRY: dict[str, tuple[str, str]] = {
+    "mae": ("amd_jax.methods.mae", "MAE"),
+    "videomae": ("amd_jax.methods.mae", "VideoMAE"),
+    "amd": ("amd_jax.methods.amd", "AMD"),
+}
+
+
+def get_method_class(name: str):
+  if name not in REGISTRY:
+    raise ValueError(f"config.method={name!r} is not a known method; allowed: {', '.join(sorted(REGISTRY))}")
+  module, cls = REGISTRY[name]
+  return getattr(importlib.import_module(module), cls)
+
+
+def get_method(config):
+  return get_method_class(config.method)(config)

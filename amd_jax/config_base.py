@@ -1,0 +1,129 @@
+"""The default config every amd_jax config file starts from.
+
+Config files in configs/ call `base_config()` and override what their recipe
+changes, so every run carries every field (and the validator can insist that no
+field is unknown). Durations are given in steps or epochs (one of them, the
+other left at -1); train.loop converts epochs to steps once, from the data
+source's size.
+
+Tuple-valued fields are avoided on purpose: they do not survive command-line
+overrides. Sequences that users override (mean/std, layer lists) are strings of
+comma-separated numbers, parsed by `parse_floats` / `parse_ints`.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+  """'0.5,0.25' -> (0.5, 0.25). Empty string -> ()."""
+  return tuple(float(t) for t in str(text).replace(" ", "").split(",") if t)
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+  """'6,12' -> (6, 12). Empty string -> ()."""
+  return tuple(int(t) for t in str(text).replace(" ", "").split(",") if t)
+
+
+def model_config(variant: str = "S") -> ml_collections.ConfigDict:
+  """Encoder description. Width/depth/heads of 0 mean 'take the variant's'."""
+  return ml_collections.ConfigDict(dict(
+      variant=variant,      # models.vit.VARIANTS: tiny, Ti, S, B, L, H
+      width=0,              # 0: from variant
+      depth=0,              # 0: from variant
+      num_heads=0,          # 0: from variant; always explicit in the built model
+      mlp_ratio=4.0,
+      patch_size=16,
+      tubelet_size=2,       # video only
+      cls_token=True,       # ImageMAE: True; VideoMAE/AMD: False
+      qkv_bias="fused",     # fused (MAE) | qv (VideoMAE: q/v bias, k bias fixed at 0) | none
+      pos_emb="sincos2d",   # sincos2d (MAE, concatenated halves) | sincos1d (VideoMAE, interleaved)
+      dtype="float32",      # compute dtype of matmuls: float32 | bfloat16. Params stay float32.
+      scan=False,           # nn.scan over blocks (faster compile for deep models)
+      remat="none",         # none | full | dots | dots_no_batch
+      drop_path=0.0,
+      attention="xla",      # xla (jax.nn.dot_product_attention, implementation chosen by XLA) | cudnn
+  ))
+
+
+def decoder_config(width: int = 512, depth: int = 8, num_heads: int = 16) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(width=width, depth=depth, num_heads=num_heads, mlp_ratio=4.0))
+
+
+def data_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      source="fashion_mnist",  # fashion_mnist | image_folder | tfds | video_list | synthetic
+      modality="image",        # image | video
+      path="",                 # source-specific; see amd_jax/data/sources.py
+      tfds_name="",            # tfds only: builder name, e.g. 'imagenet2012'
+      video_root="",           # video_list only: prefix for the paths in the annotation file
+      split="train",
+      eval_split="test",
+      image_size=32,
+      channels=1,              # 1 for Fashion-MNIST, 3 for RGB sources
+      num_frames=16,           # video only
+      sampling_rate=4,         # video only: stride between sampled frames
+      mean="0.2860",           # per-channel, comma-separated
+      std="0.3530",
+      crop_scale_min=0.2,      # random resized crop (images)
+      crop_scale_max=1.0,
+      hflip=True,
+      multiscale_scales="1,0.875,0.75,0.66",  # video multi-scale crop
+      num_workers=0,           # grain multiprocessing workers; 0 = in-process with thread prefetch
+      prefetch=2,
+      synthetic_size=512,      # synthetic only: number of examples
+      num_classes=10,
+  ))
+
+
+def optim_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      base_lr=1.5e-4,          # lr = base_lr * batch_size / 256 (MAE convention)
+      lr=-1.0,                 # >0 overrides the scaled base_lr
+      min_lr=0.0,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.05,
+      warmup_steps=-1,
+      warmup_epochs=-1.0,
+      grad_clip=0.0,           # 0 disables global-norm clipping
+      layer_decay=1.0,         # fine-tuning only
+  ))
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = "mae"            # a key of amd_jax.methods.REGISTRY
+  c.seed = 0
+  c.batch_size = 256          # global batch
+  c.total_steps = -1
+  c.num_epochs = -1.0
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_every_steps = 0      # 0: only at the end
+  c.model = model_config()
+  c.decoder = decoder_config()
+  c.data = data_config()
+  c.optim = optim_config()
+  c.mesh = mesh_config()
+  c.mask = ml_collections.ConfigDict(dict(
+      ratio=0.75,             # student (or MAE) mask ratio
+      kind="random",          # random | tube
+  ))
+  c.norm_pix_loss = True
+  c.eval = ml_collections.ConfigDict(dict(
+      probe=False,            # run linear probe + kNN at the end of pre-training
+      knn_k=20,
+      knn_temperature=0.07,
+      probe_epochs=20,
+      probe_lr=0.1,
+      probe_batch_size=256,
+      max_train_examples=0,   # 0: all
+  ))
+  return c

@@ -1,0 +1,50 @@
+"""The interface every pre-training method implements, and what the loop may ask of it.
+
+The loop knows a method only through this interface:
+  init(rng, example_batch) -> params                     (a pytree of float32 arrays)
+  loss(params, teacher_params, batch, rng) -> (scalar, metrics dict of scalars)
+  load_teacher(abstract_ok) -> teacher params or None   (frozen; never in the optimizer or checkpoint)
+  features(params, batch) -> [B, D] frozen features      (linear probe / kNN)
+  reconstruct(params, batch, rng) -> dict of images      (pictures; optional)
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import jax
+import ml_collections
+
+Params = Any
+Metrics = dict[str, jax.Array]
+
+
+class Method(abc.ABC):
+  """Base class; subclasses are registered in amd_jax.methods.REGISTRY."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  @abc.abstractmethod
+  def init(self, rng: jax.Array, example_batch: dict) -> Params:
+    ...
+
+  @abc.abstractmethod
+  def loss(self, params: Params, teacher_params: Params | None, batch: dict, rng: jax.Array
+           ) -> tuple[jax.Array, Metrics]:
+    ...
+
+  def load_teacher(self) -> Params | None:
+    """Frozen teacher parameters, or None for methods without a teacher."""
+    return None
+
+  @abc.abstractmethod
+  def features(self, params: Params, batch: dict) -> jax.Array:
+    ...
+
+  def input_key(self) -> str:
+    return "video" if self.config.data.modality == "video" else "image"
+
+  def flops_per_example(self, example_batch: dict) -> dict[str, float]:
+    """Analytic matmul FLOPs per example: {'student': fwd, 'teacher': fwd}. Used for MFU."""
+    return {"student": 0.0, "teacher": 0.0}

@@ -1,0 +1,130 @@
+"""ImageMAE and VideoMAE pre-training: masked pixel reconstruction.
+
+MAE (images): random mask, cls token, decoder_embed with bias, target normalised
+per patch over all values (from the normalised image, as the official code).
+VideoMAE (videos): tube mask, no cls token, encoder_to_decoder without bias,
+target normalised per patch and per channel from the un-normalised clip.
+Which of the two a run is follows config.method; both share this code.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from amd_jax import losses, masking, targets
+from amd_jax.config_base import parse_floats
+from amd_jax.methods.base import Method
+from amd_jax.models import flops, vit
+from amd_jax.models.decoders import MaskedTokenDecoder
+
+
+class MAE(Method):
+  decoder_embed = "bias"   # MAE's decoder_embed Linear has a bias
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.encoder = vit.encoder_from_config(config.model)
+    self._decoders = {}
+
+  # --- shapes -------------------------------------------------------------
+  def grid(self, x) -> vit.TokenGrid:
+    m = self.config.model
+    return vit.token_grid(x.shape[1:], m.patch_size, m.tubelet_size if x.ndim == 5 else 0)
+
+  def mask_spec(self, x) -> masking.MaskSpec:
+    g = self.grid(x)
+    return masking.MaskSpec(num_tokens=g.num_tokens, tokens_per_frame=g.tokens_per_frame,
+                            kind=self.config.mask.kind)
+
+  def decoder(self, grid: vit.TokenGrid, channels: int) -> MaskedTokenDecoder:
+    m, d = self.config.model, self.config.decoder
+    patch_dim = m.patch_size**2 * channels * (m.tubelet_size if len(grid.shape) == 3 else 1)
+    return MaskedTokenDecoder(
+        width=d.width, depth=d.depth, num_heads=d.num_heads, grid=grid.shape, out_dim=patch_dim,
+        mlp_ratio=d.mlp_ratio, qkv_bias=m.qkv_bias, pos_emb=m.pos_emb, has_cls=m.cls_token,
+        embed=self.decoder_embed, dtype=jnp.dtype(m.dtype))
+
+  # --- interface ----------------------------------------------------------
+  def init(self, rng, example_batch):
+    x = example_batch[self.input_key()]
+    spec = self.mask_spec(x)
+    mask = masking.random_mask(jax.random.PRNGKey(0), x.shape[0], spec, self.config.mask.ratio)
+    k_enc, k_dec = jax.random.split(rng)
+    enc_params = self.encoder.init(k_enc, x, mask.keep)["params"]
+    latent, _ = self.encoder.apply({"params": enc_params}, x, mask.keep)
+    dec = self.decoder(self.grid(x), x.shape[-1])
+    dec_params = dec.init(k_dec, latent, mask.keep, mask.masked)["params"]
+    return {"encoder": enc_params, "decoder": dec_params}
+
+  def pixel_target(self, x):
+    m = self.config.model
+    if x.ndim == 5:
+      mean = jnp.asarray(parse_floats(self.config.data.mean), jnp.float32)
+      std = jnp.asarray(parse_floats(self.config.data.std), jnp.float32)
+      return targets.video_target(x * std + mean, m.patch_size, m.tubelet_size, self.config.norm_pix_loss)
+    return targets.image_target(x, m.patch_size, self.config.norm_pix_loss)
+
+  def reconstruction(self, params, x, mask: masking.Mask, rng, train: bool = True):
+    """Encoder on the visible tokens, decoder on the masked ones -> (pred [B,M,P], latent, out)."""
+    latent, out = self.encoder.apply({"params": params["encoder"]}, x, mask.keep, train=train,
+                                     rngs={"dropout": rng} if train else {})
+    pred = self.decoder(self.grid(x), x.shape[-1]).apply({"params": params["decoder"]}, latent, mask.keep,
+                                                         mask.masked)
+    return pred, latent, out
+
+  def loss(self, params, teacher_params, batch, rng):
+    del teacher_params
+    x = batch[self.input_key()]
+    k_mask, k_drop = jax.random.split(rng)
+    mask = masking.random_mask(k_mask, x.shape[0], self.mask_spec(x), self.config.mask.ratio)
+    pred, _, _ = self.reconstruction(params, x, mask, k_drop)
+    target = masking.gather_tokens(self.pixel_target(x), mask.masked)
+    rec = losses.regression(pred, target, "l2")
+    return rec, {"loss_rec": rec}
+
+  def features(self, params, batch):
+    """Mean of the final-normed patch tokens over the whole (unmasked) input."""
+    x = batch[self.input_key()]
+    tokens, _ = self.encoder.apply({"params": params["encoder"]}, x)
+    if self.config.model.cls_token:
+      tokens = tokens[:, 1:]
+    return tokens.mean(axis=1)
+
+  def reconstruct(self, params, batch, rng):
+    """Pictures for humans: input, the visible patches, and the reconstruction (visible pasted back)."""
+    x = batch[self.input_key()]
+    g = self.grid(x)
+    mask = masking.random_mask(rng, x.shape[0], self.mask_spec(x), self.config.mask.ratio)
+    pred, _, _ = self.reconstruction(params, x, mask, rng, train=False)
+    m = self.config.model
+    tub = m.tubelet_size if x.ndim == 5 else 0
+    patches = targets.patchify(x, m.patch_size, tub)
+    if self.config.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
+      true = masking.gather_tokens(patches, mask.masked)
+      pred = pred * jnp.sqrt(true.var(-1, keepdims=True, ddof=1) + 1e-6) + true.mean(-1, keepdims=True)
+    visible = masking.gather_tokens(patches, mask.keep)
+    recon = masking.ungather_tokens([visible, pred], [mask.keep, mask.masked])
+    masked_view = masking.ungather_tokens([visible, jnp.zeros_like(pred)], [mask.keep, mask.masked])
+    unpatch = lambda t: targets.unpatchify(t, g.shape, m.patch_size, x.shape[-1], tub)
+    return {"input": x, "visible": unpatch(masked_view), "reconstruction": unpatch(recon)}
+
+  def flops_per_example(self, example_batch):
+    x = example_batch[self.input_key()]
+    g = self.grid(x)
+    enc = self.encoder
+    keep = masking.num_visible(self.mask_spec(x), self.config.mask.ratio)
+    n_enc = keep + int(enc.cls_token)
+    d = self.config.decoder
+    patch_dim = targets.patchify(jnp.zeros((1,) + x.shape[1:]), enc.patch_size,
+                                 enc.tubelet_size if x.ndim == 5 else 0).shape[-1]
+    linear_flops = flops.linear_flops
+    total = linear_flops(g.num_tokens, patch_dim, enc.width)
+    total += flops.stack_flops(n_enc, enc.width, enc.depth, enc.mlp_ratio)
+    total += linear_flops(n_enc, enc.width, d.width)
+    total += flops.stack_flops(g.num_tokens + int(enc.cls_token), d.width, d.depth, d.mlp_ratio)
+    total += linear_flops(g.num_tokens - keep, d.width, patch_dim)
+    return {"student": total, "teacher": 0.0}
+
+
+class VideoMAE(MAE):
+  decoder_embed = "nobias"  # VideoMAE's encoder_to_decoder Linear has no bias

@@ -1,0 +1,311 @@
+"""Vision transformer encoder for images (2-D patches) and videos (3-D tubelets).
+
+Pure flax.linen: no PRNG state of its own, no I/O, no config parsing. The encoder
+runs on a SUBSET of tokens given by `keep` indices (ascending, from
+amd_jax.masking), which is how every masked method feeds it; `keep=None` means all.
+
+Intermediates: `Encoder.__call__` returns (tokens, out) where `out` holds, on
+request, the raw (pre-final-norm) residual stream after chosen blocks
+('block_{l}', l 1-based) and attention logits / q / k / v of chosen blocks
+('attn_logits_{l}', 'q_{l}', 'k_{l}', 'v_{l}'; [B, heads, N, head_dim]).
+
+Parameter names follow the official PyTorch modules (patch_embed.proj, blocks_i.
+norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2, norm) so conversion is a rename.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amd_jax.models import posemb
+
+# (width, depth, heads). Heads are explicit: the MAE-family repositories disagree
+# on ViT-Ti's head count (3 in DeiT/MAE, 12 in MAE-lite), and attention or
+# relation targets change meaning with it, so it must never be inferred.
+VARIANTS: dict[str, tuple[int, int, int]] = {
+    "tiny": (32, 2, 2),        # tests only
+    "Ti": (192, 12, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "H": (1280, 32, 16),
+}
+
+# Linear layers: xavier-uniform weights and zero biases, as the MAE family does.
+dense_init = nn.initializers.xavier_uniform()
+LN_EPS = 1e-6
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def resolve_variant(variant: str, width: int = 0, depth: int = 0, num_heads: int = 0) -> tuple[int, int, int]:
+  """(width, depth, heads) of a named variant, with non-zero overrides applied."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown ViT variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+  w, d, h = VARIANTS[variant]
+  return (width or w, depth or d, num_heads or h)
+
+
+def gelu_exact(x):
+  # The official models use nn.GELU() (erf form), not the tanh approximation.
+  return nn.gelu(x, approximate=False)
+
+
+class Attention(nn.Module):
+  width: int
+  num_heads: int
+  qkv_bias: str = "fused"
+  dtype: Any = jnp.float32
+  # When True, compute logits explicitly and return them with q/k/v.
+  return_internals: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, _ = x.shape
+    head_dim = self.width // self.num_heads
+    # Fused projection with one of the MAE family's bias layouts:
+    # 'fused': one learnable bias over all 3*width outputs (ImageMAE / timm);
+    # 'qv': learnable q_bias and v_bias, the k bias a constant zero (VideoMAE/AMD);
+    # 'none': no bias.
+    qkv = nn.Dense(3 * self.width, use_bias=self.qkv_bias == "fused", kernel_init=dense_init,
+                   dtype=self.dtype, name="qkv")(x)
+    if self.qkv_bias == "qv":
+      q_bias = self.param("q_bias", nn.initializers.zeros, (self.width,))
+      v_bias = self.param("v_bias", nn.initializers.zeros, (self.width,))
+      qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh]
+    internals = {}
+    if self.return_internals:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q * (head_dim**-0.5), k)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+      internals = {"attn_logits": logits,
+                   "q": q.transpose(0, 2, 1, 3), "k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}
+    else:
+      # XLA picks the fused kernel (cuDNN flash attention on GPUs where it applies).
+      out = jax.nn.dot_product_attention(q, k, v)
+    out = out.reshape(b, n, self.width)
+    out = nn.Dense(self.width, kernel_init=dense_init, dtype=self.dtype, name="proj")(out)
+    return out, internals
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
+    x = gelu_exact(x)
+    return nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
+
+
+def drop_path(x, rate, deterministic: bool, rng_fn):
+  """Per-sample stochastic depth; `rate` may be a traced scalar (scan) or None (off)."""
+  if deterministic or rate is None or (isinstance(rate, float) and rate == 0.0):
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng_fn(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / jnp.maximum(keep, 1e-12), jnp.zeros_like(x))
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block: x += attn(LN1 x); x += mlp(LN2 x)."""
+  width: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: str = "fused"
+  dtype: Any = jnp.float32
+  return_internals: bool = False
+  drop_path_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True, drop_rate=None):
+    # Unscanned stacks give each block its static rate; a scanned stack passes
+    # the per-layer rate in as a traced scalar.
+    drop_rate = self.drop_path_rate if drop_rate is None else drop_rate
+    norm = functools.partial(nn.LayerNorm, epsilon=LN_EPS, dtype=jnp.float32)
+    rng_fn = lambda: self.make_rng("dropout")
+    h, internals = Attention(self.width, self.num_heads, self.qkv_bias, self.dtype,
+                             self.return_internals, name="attn")(norm(name="norm1")(x).astype(self.dtype))
+    x = x + drop_path(h, drop_rate, deterministic, rng_fn).astype(x.dtype)
+    h = Mlp(int(self.width * self.mlp_ratio), self.dtype, name="mlp")(norm(name="norm2")(x).astype(self.dtype))
+    x = x + drop_path(h, drop_rate, deterministic, rng_fn).astype(x.dtype)
+    return x, internals
+
+
+class ScanBlock(nn.Module):
+  """Block adapted to nn.scan's (carry, xs) -> (carry, ys) contract."""
+  block_kwargs: dict
+  deterministic: bool = True
+  collect: bool = False
+
+  @nn.compact
+  def __call__(self, x, drop_rate):
+    x, _ = Block(**self.block_kwargs, name="block")(x, self.deterministic, drop_rate)
+    return x, (x if self.collect else None)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patches (images) or tubelets (videos) -> [B, N, width]."""
+  width: int
+  patch_size: int
+  tubelet_size: int = 0  # 0: images
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.tubelet_size:
+      kernel = (self.tubelet_size, self.patch_size, self.patch_size)
+      fan_axes = (0, 1, 2, 3)
+    else:
+      kernel = (self.patch_size, self.patch_size)
+      fan_axes = (0, 1, 2)
+    # MAE initialises the patch projection as a flattened Linear (xavier-uniform).
+    init = nn.initializers.xavier_uniform(in_axis=fan_axes, out_axis=-1)
+    y = nn.Conv(self.width, kernel, strides=kernel, padding="VALID", kernel_init=init,
+                dtype=self.dtype, name="proj")(x.astype(self.dtype))
+    return y.reshape(y.shape[0], -1, self.width)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenGrid:
+  """Token layout of an input: (h, w) for images or (t, h, w) for videos."""
+  shape: tuple[int, ...]
+
+  @property
+  def num_tokens(self) -> int:
+    return int(np.prod(self.shape))
+
+  @property
+  def tokens_per_frame(self) -> int:
+    return int(np.prod(self.shape[-2:]))
+
+
+def token_grid(input_shape: Sequence[int], patch_size: int, tubelet_size: int = 0) -> TokenGrid:
+  """input_shape excludes batch: (H, W, C) or (T, H, W, C)."""
+  if len(input_shape) == 4:
+    t, h, w, _ = input_shape
+    return TokenGrid((t // tubelet_size, h // patch_size, w // patch_size))
+  h, w, _ = input_shape
+  return TokenGrid((h // patch_size, w // patch_size))
+
+
+def gather_tokens(x, idx):
+  """x [B, N, D], idx [B, K] -> [B, K, D] (jnp.take_along_axis; no boolean indexing)."""
+  return jnp.take_along_axis(x, idx[..., None].astype(jnp.int32), axis=1)
+
+
+class Encoder(nn.Module):
+  """ViT encoder. Call: (inputs, keep=None, *, train) -> (tokens after final norm, out dict).
+
+  `tokens` has the cls token first when cls_token=True. Blocks are numbered from 1.
+  """
+  width: int
+  depth: int
+  num_heads: int
+  patch_size: int = 16
+  tubelet_size: int = 2          # used for 5-D (video) inputs only
+  mlp_ratio: float = 4.0
+  cls_token: bool = True
+  qkv_bias: str = "fused"
+  pos_emb: str = "sincos2d"
+  dtype: Any = jnp.float32
+  drop_path: float = 0.0
+  scan: bool = False
+  remat: str = "none"
+  final_norm: bool = True
+  block_layers: tuple[int, ...] = ()   # which block outputs to return (1-based)
+  attn_layers: tuple[int, ...] = ()    # which blocks' attention internals to return
+  max_depth: int = 0                   # >0: stop after this block (teachers needing early layers only)
+
+  def _check_layers(self):
+    for name, layers in (("block_layers", self.block_layers), ("attn_layers", self.attn_layers)):
+      for l in layers:
+        if not 1 <= l <= self.depth:
+          raise ValueError(f"{name} asks for block {l}, but the encoder has blocks 1..{self.depth}")
+    if self.scan and self.attn_layers:
+      raise ValueError("attention internals (attn_layers) need scan=False: a scanned stack returns "
+                       "block outputs only")
+
+  def embed(self, inputs, keep=None):
+    """Patch-embed, add fixed position embeddings, keep a subset of tokens, prepend cls."""
+    is_video = inputs.ndim == 5
+    grid = token_grid(inputs.shape[1:], self.patch_size, self.tubelet_size if is_video else 0)
+    x = PatchEmbed(self.width, self.patch_size, self.tubelet_size if is_video else 0,
+                   self.dtype, name="patch_embed")(inputs)
+    table = posemb.make_table(self.pos_emb, self.width, grid.shape, cls_token=False)
+    x = x.astype(jnp.float32) + jnp.asarray(table)[None]
+    if keep is not None:
+      x = gather_tokens(x, keep)
+    if self.cls_token:
+      cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
+      # The cls row of MAE's table is zeros, so cls + pos = cls.
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+    return x
+
+  @nn.compact
+  def __call__(self, inputs, keep=None, *, train: bool = False):
+    self._check_layers()
+    x = self.embed(inputs, keep)
+    x, out = self.run_blocks(x, train=train)
+    if self.final_norm:
+      x = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name="norm")(x)
+    return x, out
+
+  def run_blocks(self, x, *, train: bool):
+    depth = self.max_depth or self.depth
+    rates = np.linspace(0.0, self.drop_path, self.depth)[:depth]
+    block_kwargs = dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                        qkv_bias=self.qkv_bias, dtype=self.dtype)
+    out = {}
+    policy = REMAT_POLICIES[self.remat]
+    if self.scan:
+      body = ScanBlock
+      if self.remat != "none":
+        body = nn.remat(body, policy=policy, prevent_cse=False)
+      stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=0 if self.drop_path > 0 else nn.broadcast, length=depth)
+      x, ys = stack(block_kwargs, deterministic=not train, collect=bool(self.block_layers),
+                    name="blocks")(x, jnp.asarray(rates, jnp.float32) if self.drop_path > 0 else None)
+      for l in self.block_layers:
+        if l <= depth:
+          out[f"block_{l}"] = ys[l - 1]
+      return x, out
+    block_cls = Block
+    if self.remat != "none":
+      block_cls = nn.remat(Block, policy=policy, static_argnums=(2,))
+    for i in range(depth):
+      layer = i + 1
+      x, internals = block_cls(**block_kwargs, return_internals=layer in self.attn_layers,
+                               drop_path_rate=float(rates[i]), name=f"blocks_{i}")(x, not train)
+      if layer in self.block_layers:
+        out[f"block_{layer}"] = x
+      for key, value in internals.items():
+        out[f"{key}_{layer}"] = value
+    return x, out
+
+
+def encoder_from_config(model_cfg, **overrides) -> Encoder:
+  """Build an Encoder from a config.model ConfigDict (see amd_jax.config_base.model_config)."""
+  width, depth, heads = resolve_variant(model_cfg.variant, model_cfg.width, model_cfg.depth, model_cfg.num_heads)
+  kwargs = dict(
+      width=width, depth=depth, num_heads=heads, patch_size=model_cfg.patch_size,
+      tubelet_size=model_cfg.tubelet_size, mlp_ratio=model_cfg.mlp_ratio, cls_token=model_cfg.cls_token,
+      qkv_bias=model_cfg.qkv_bias, pos_emb=model_cfg.pos_emb, dtype=jnp.dtype(model_cfg.dtype),
+      drop_path=model_cfg.drop_path, scan=model_cfg.scan, remat=model_cfg.remat)
+  kwargs.update(overrides)
+  return Encoder(**kwargs)
