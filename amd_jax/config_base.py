@@ -127,3 +127,26 @@ def base_config() -> ml_collections.ConfigDict:
       max_train_examples=0,   # 0: all
   ))
   return c
+
+
+def parse_arg(arg: str | None, **defaults):
+  """big_vision-style config argument: 'key=value,flag' -> ConfigDict over `defaults`.
+
+  Values are parsed as the type of their default; a bare key sets a bool to True.
+  Example: --config configs/quickstart.py:runlocal
+  """
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; allowed: {', '.join(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ("", "1", "true", "yes")
+    else:
+      out[key] = kind(value)
+  return out

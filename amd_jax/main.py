@@ -1,0 +1,53 @@
+"""Command line: python -m amd_jax.main --config configs/X.py --workdir DIR [--config.a.b=v ...]."""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an amd_jax config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and config.json.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _hide_accelerators_from_tensorflow():
+  # tfds and clu's TensorBoard writer import TensorFlow; keep it off the GPUs/TPUs JAX owns.
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
+class _QuietLibraries:
+  """absl log filter: INFO lines from checkpointing/IO libraries drown the training log."""
+  noisy = ("/orbax/", "/etils/", "/grain/", "/tensorflow/")
+
+  def filter(self, record):
+    return record.levelno >= 30 or not any(part in record.pathname for part in self.noisy)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  _hide_accelerators_from_tensorflow()
+  from amd_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from amd_jax.train import distributed, loop  # pylint: disable=g-import-not-at-top
+  distributed.maybe_initialize()
+  config = _CONFIG.value
+  try:
+    config_validation.validate(config)
+    loop.run(config, _WORKDIR.value)
+  except config_validation.ConfigError as e:
+    logging.error("%s", e)
+    print(f"amd_jax: configuration error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  app.run(main)

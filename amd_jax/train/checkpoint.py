@@ -1,0 +1,81 @@
+"""Checkpoints: orbax CheckpointManager over {state, data iterator}, plus weight loading.
+
+The data iterator's position is saved as JSON captured at the moment of the
+save call (not later, in a background thread), so a restored run continues with
+exactly the batches the interrupted run would have seen. Orbax writes each step
+into a temporary directory and renames it when complete, so a save killed
+halfway never looks like a checkpoint.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+class Checkpointer:
+  """Saves and restores TrainState + data-iterator state under WORKDIR/checkpoints/<step>/."""
+
+  def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(every_steps, 1), max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iterator=None, force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = ocp.args.JsonSave(data_iterator.get_state())
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """Restore into `abstract_state` (ShapeDtypeStructs with shardings); set the iterator's position."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iterator is not None and restored.get("data") is not None:
+      data_iterator.set_state(restored["data"])
+    return restored["state"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load_params(workdir: str, step: int | None = None, subtree: str = "params"):
+  """Parameters of an amd_jax run (any method) as a nested dict of host arrays.
+
+  Used to take a teacher (or a pre-trained encoder) from another run's workdir.
+  """
+  path = checkpoint_dir(workdir)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoints under {path!r}: is {workdir!r} the workdir of an amd_jax run?")
+  manager = ocp.CheckpointManager(path, item_names=("state", "data"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{path!r} holds no complete checkpoint")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  state = restored["state"]
+  logging.info("loaded %s from %s at step %d", subtree, path, step)
+  tree = state[subtree] if subtree else state
+  return jax.tree.map(lambda x: jax.device_get(x), tree)

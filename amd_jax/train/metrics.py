@@ -1,0 +1,50 @@
+"""Metric writers (TensorBoard + stdout through clu), progress, throughput and MFU."""
+from __future__ import annotations
+
+import time
+
+import jax
+from clu import metric_writers
+
+
+def make_writer(workdir: str):
+  """TensorBoard event files under workdir plus log lines; only process 0 writes files."""
+  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+
+
+class Progress:
+  """Steps/s, examples/s, ETA and model TFLOP/s between two reports."""
+
+  def __init__(self, total_steps: int, batch_size: int, flops_per_step: float = 0.0, peak_flops: float = 0.0):
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self.flops_per_step = flops_per_step
+    self.peak_flops = peak_flops
+    self.start = time.perf_counter()
+    self._last_time = self.start
+    self._last_step = None
+
+  def reset(self, step: int):
+    self._last_time = time.perf_counter()
+    self._last_step = step
+
+  def report(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    if self._last_step is None or step <= self._last_step:
+      self.reset(step)
+      return {}
+    dt = now - self._last_time
+    steps = step - self._last_step
+    self.reset(step)
+    steps_per_sec = steps / dt
+    out = {
+        "steps_per_sec": steps_per_sec,
+        "examples_per_sec": steps_per_sec * self.batch_size,
+        "eta_minutes": (self.total_steps - step) / steps_per_sec / 60.0,
+    }
+    if self.flops_per_step:
+      tflops = self.flops_per_step * steps_per_sec / 1e12 / jax.device_count()
+      out["tflops_per_device"] = tflops
+      if self.peak_flops:
+        out["mfu"] = tflops * 1e12 / self.peak_flops
+    return out
