@@ -60,8 +60,9 @@ def _check_positive(field: str, value):
     _fail(field, value, "must be > 0")
 
 
-def validate_model(config, field: str = "model"):
-  m = config[field] if field in config else config.model
+def validate_model(config, model_cfg=None, field: str = "model"):
+  """Check one model description (config.model, or another one such as config.teacher.model)."""
+  m = config.model if model_cfg is None else model_cfg
   _check_choice(f"{field}.variant", m.variant, list(vit.VARIANTS))
   width, depth, heads = vit.resolve_variant(m.variant, m.width, m.depth, m.num_heads)
   if width % heads:

@@ -3,7 +3,8 @@
 The loop knows a method only through this interface:
   init(rng, example_batch) -> params                     (a pytree of float32 arrays)
   loss(params, teacher_params, batch, rng) -> (scalar, metrics dict of scalars)
-  load_teacher(abstract_ok) -> teacher params or None   (frozen; never in the optimizer or checkpoint)
+  teacher_init(rng, example_batch) -> teacher params      (only methods with a teacher; gives the
+                                                          architecture the loaded weights must fit)
   features(params, batch) -> [B, D] frozen features      (linear probe / kNN)
   reconstruct(params, batch, rng) -> dict of images      (pictures; optional)
 """
@@ -34,9 +35,15 @@ class Method(abc.ABC):
            ) -> tuple[jax.Array, Metrics]:
     ...
 
-  def load_teacher(self) -> Params | None:
-    """Frozen teacher parameters, or None for methods without a teacher."""
-    return None
+  has_teacher: bool = False
+
+  def teacher_init(self, rng: jax.Array, example_batch: dict) -> Params:
+    """Randomly initialised teacher params: their structure is what a loaded teacher must match.
+
+    The loop loads the real weights (train.checkpoint.load_teacher); the teacher is
+    frozen, never in the optimizer state and never written into the student's checkpoints.
+    """
+    raise NotImplementedError(f"{type(self).__name__} has no teacher")
 
   @abc.abstractmethod
   def features(self, params: Params, batch: dict) -> jax.Array:

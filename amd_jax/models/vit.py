@@ -309,3 +309,31 @@ def encoder_from_config(model_cfg, **overrides) -> Encoder:
       drop_path=model_cfg.drop_path, scan=model_cfg.scan, remat=model_cfg.remat)
   kwargs.update(overrides)
   return Encoder(**kwargs)
+
+
+def stack_blocks(params: dict, depth: int) -> dict:
+  """Unscanned encoder params (blocks_0..blocks_{depth-1}) -> the scanned layout (blocks/block, layer axis 0)."""
+  blocks = [params[f"blocks_{i}"] for i in range(depth)]
+  out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+  out["blocks"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+  return out
+
+
+def unstack_blocks(params: dict) -> dict:
+  """Scanned encoder params -> one blocks_i entry per layer."""
+  stacked = params["blocks"]["block"]
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  out = {k: v for k, v in params.items() if k != "blocks"}
+  for i in range(depth):
+    out[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return out
+
+
+def match_layout(params: dict, scan: bool, depth: int) -> dict:
+  """Bring encoder params into the scanned or unscanned layout a model was configured with."""
+  is_scanned = "blocks" in params
+  if scan and not is_scanned:
+    return stack_blocks(params, depth)
+  if not scan and is_scanned:
+    return unstack_blocks(params)
+  return params

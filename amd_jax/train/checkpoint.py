@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -79,3 +80,68 @@ def load_params(workdir: str, step: int | None = None, subtree: str = "params"):
   logging.info("loaded %s from %s at step %d", subtree, path, step)
   tree = state[subtree] if subtree else state
   return jax.tree.map(lambda x: jax.device_get(x), tree)
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    key = "/".join(str(getattr(p, "key", p)) for p in path)
+    flat[key] = tuple(leaf.shape)
+  return flat
+
+
+def fit_report(expected, given) -> tuple[list[str], list[str], list[str]]:
+  """(missing, unexpected, mis-shaped) keys of `given` against the `expected` (abstract) tree."""
+  want, have = _flat_shapes(expected), _flat_shapes(given)
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(set(have) - set(want))
+  misshaped = sorted(f"{k}: expected {want[k]}, got {have[k]}" for k in set(want) & set(have) if want[k] != have[k])
+  return missing, unexpected, misshaped
+
+
+class TeacherMismatchError(ValueError):
+  """The teacher checkpoint does not fit the configured teacher architecture."""
+
+
+def check_fit(expected, given, source: str, what: str = "teacher") -> None:
+  missing, unexpected, misshaped = fit_report(expected, given)
+  if missing or unexpected or misshaped:
+    lines = [f"the {what} weights in {source!r} do not fit the configured architecture "
+             f"(check config.teacher.model: variant, width, depth, patch size, qkv_bias, cls_token):"]
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+      if keys:
+        shown = ", ".join(keys[:12]) + (f" ... (+{len(keys) - 12} more)" if len(keys) > 12 else "")
+        lines.append(f"  {title} ({len(keys)}): {shown}")
+    raise TeacherMismatchError("\n".join(lines))
+
+
+RANDOM_TEACHER = "random"  # explicit opt-in, for benchmarks and tests only
+
+
+def load_teacher(teacher_cfg, abstract_params, *, scan: bool, depth: int, rng_init=None):
+  """Frozen teacher encoder params from an amd_jax workdir, a PyTorch file, or (explicitly) random init.
+
+  Never silently random: an empty or unreadable source, or weights that do not
+  fit the configured architecture, stop the run with the keys and shapes.
+  """
+  from amd_jax.models import vit  # pylint: disable=g-import-not-at-top
+  source = teacher_cfg.checkpoint
+  if not source:
+    raise ValueError("config.teacher.checkpoint is empty: distillation needs a pre-trained teacher. Give the "
+                     "workdir of an amd_jax run, or an official .pth/.safetensors file.")
+  if source == RANDOM_TEACHER:
+    logging.warning("config.teacher.checkpoint='random': the teacher is RANDOMLY INITIALISED (benchmarks/tests).")
+    if rng_init is None:
+      raise ValueError("a random teacher needs an init function")
+    params = rng_init()
+  elif os.path.isdir(source):
+    params = load_params(source)
+    params = params.get("encoder", params) if isinstance(params, dict) else params
+  elif os.path.isfile(source):
+    from amd_jax.convert import load_torch_encoder  # pylint: disable=g-import-not-at-top
+    params = load_torch_encoder(source, teacher_cfg.model)
+  else:
+    raise FileNotFoundError(f"config.teacher.checkpoint={source!r} is neither a workdir nor a file")
+  params = vit.match_layout(params, scan, depth)
+  check_fit(abstract_params, params, source)
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), params)

@@ -24,6 +24,7 @@ from absl import logging
 from amd_jax import config_validation
 from amd_jax.data import pipeline
 from amd_jax.methods import get_method
+from amd_jax.models import vit
 from amd_jax.train import checkpoint, metrics, optim, sharding
 
 
@@ -122,9 +123,15 @@ def run(config, workdir: str) -> dict[str, float]:
   state_shardings = sharding.tree_shardings(abstract, mesh, fsdp=use_fsdp)
   batch_shard = sharding.batch_sharding(mesh)
 
-  teacher = method.load_teacher()
-  teacher_shardings = None
-  if teacher is not None:
+  teacher, teacher_shardings = None, None
+  if method.has_teacher:
+    t_key = jax.random.PRNGKey(config.seed + 1)
+    t_abstract = jax.eval_shape(method.teacher_init, t_key, example)
+    t_model = config.teacher.model
+    teacher = checkpoint.load_teacher(
+        config.teacher, t_abstract, scan=t_model.scan, depth=vit.resolve_variant(
+            t_model.variant, t_model.width, t_model.depth, t_model.num_heads)[1],
+        rng_init=lambda: jax.jit(method.teacher_init)(t_key, example))
     teacher_shardings = sharding.tree_shardings(teacher, mesh, fsdp=config.get("shard_teacher", use_fsdp))
     teacher = jax.device_put(teacher, teacher_shardings)
 
