@@ -5,7 +5,7 @@ AdamW (0.9, 0.95) wd 0.05, norm-pix loss, mask 0.75, RandomResizedCrop(0.2, 1) +
 Decoder 512 wide, 8 deep, 16 heads. Data: an ImageNet tfds dataset the user prepared
 (--config.data.path=<tfds data_dir>) or class folders (--config.data.source=image_folder).
 """
-from amd_jax import config_base
+from amd_jax import config_base, recipes
 
 
 def get_config(arg=None):
@@ -26,8 +26,5 @@ def get_config(arg=None):
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   if args.runlocal:
-    c.data.update(source="synthetic", modality="image", image_size=32, synthetic_size=64, num_workers=0)
-    c.model.update(variant="tiny", patch_size=8, dtype="float32")
-    c.decoder.update(width=32, depth=1, num_heads=2)
-    c.batch_size, c.num_epochs, c.total_steps = 8, -1.0, 3
+    recipes.shrink_for_local_run(c)
   return c

@@ -8,7 +8,7 @@ clips (1.2e-3 at the official global batch 2048), 40 warmup epochs, min lr 1e-5,
 Data: a VideoMAE-style annotation file ("path label" per line) via --config.data.path
 and --config.data.video_root.
 """
-from amd_jax import config_base
+from amd_jax import config_base, recipes
 
 
 def get_config(arg=None):
@@ -30,8 +30,5 @@ def get_config(arg=None):
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   if args.runlocal:
-    c.data.update(source="synthetic", image_size=32, num_frames=4, synthetic_size=16, num_workers=0)
-    c.model.update(variant="tiny", patch_size=8, dtype="float32")
-    c.decoder.update(width=32, depth=1, num_heads=2)
-    c.batch_size, c.num_epochs, c.total_steps = 4, -1.0, 3
+    recipes.shrink_for_local_run(c)
   return c
