@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.16",
     "tqdm>=4.66",
     "absl-py>=2.1",
+    "importlib_resources",  # tfds needs it to prepare datasets
 ]
 
 EXTRAS = {
