@@ -49,7 +49,9 @@ def _local_batch_size(config) -> int:
 
 def _example_batch(dataset, config) -> dict:
   """One batch (its global shape) to trace init and the step with."""
-  local = next(iter(dataset))
+  it = iter(dataset)
+  local = next(it)
+  _close(it)
   scale = jax.process_count()
   return {k: jnp.zeros((v.shape[0] * scale,) + v.shape[1:], v.dtype) for k, v in local.items()}
 
@@ -197,6 +199,7 @@ def run(config, workdir: str) -> dict[str, float]:
   if step > start_step or latest is None:
     ckpt.save(step, state, data_iter, force=True)
   ckpt.wait()
+  _close(data_iter)
   final = {k: v for k, v in last_scalars.items()}
   final["compile_seconds"] = compile_s
   final["train_seconds"] = time.perf_counter() - progress.start
@@ -210,6 +213,13 @@ def run(config, workdir: str) -> dict[str, float]:
   ckpt.close()
   _log_summary(final)
   return final
+
+
+def _close(iterator):
+  """Stop a grain iterator's prefetch threads/processes now rather than at interpreter exit."""
+  close = getattr(iterator, "close", None)
+  if close is not None:
+    close()
 
 
 def _flat(d, prefix=""):
