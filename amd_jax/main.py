@@ -22,18 +22,11 @@ def _hide_accelerators_from_tensorflow():
     pass
 
 
-class _QuietLibraries:
-  """absl log filter: INFO lines from checkpointing/IO libraries drown the training log."""
-  noisy = ("/orbax/", "/etils/", "/grain/", "/tensorflow/")
-
-  def filter(self, record):
-    return record.levelno >= 30 or not any(part in record.pathname for part in self.noisy)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from amd_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  metrics.quiet_library_logs()
   _hide_accelerators_from_tensorflow()
   from amd_jax import config_validation  # pylint: disable=g-import-not-at-top
   from amd_jax.train import distributed, loop  # pylint: disable=g-import-not-at-top

@@ -98,6 +98,8 @@ def format_table(results: dict[str, dict], controls: dict[str, dict]) -> str:
 
 def main(argv):
   del argv
+  from amd_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  metrics.quiet_library_logs()
   t0 = time.perf_counter()
   module = load_config_module(_CONFIG.value or default_config_path())
   workdir = _WORKDIR.value

@@ -4,7 +4,20 @@ from __future__ import annotations
 import time
 
 import jax
+from absl import logging
 from clu import metric_writers
+
+
+class _QuietLibraries:
+  """absl log filter: INFO lines of checkpointing/IO libraries drown the training log."""
+  noisy = ("/orbax/", "/etils/", "/grain/", "/tensorflow/")
+
+  def filter(self, record):
+    return record.levelno >= 30 or not any(part in record.pathname for part in self.noisy)
+
+
+def quiet_library_logs():
+  logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 def make_writer(workdir: str):
