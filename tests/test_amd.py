@@ -186,6 +186,16 @@ def test_end_to_end_teacher_from_workdir_and_mismatch(tmp_path):
   assert set(saved) == {"encoder", "decoder", "projections", "generators"}
   assert os.path.isdir(os.path.join(student_dir, "checkpoints", "3"))
 
+  # The same teacher as an official-naming PyTorch file (what users download) works the same way.
+  from amd_jax import convert
+  arch = convert.arch_from_config(teacher_cfg.model, image_size=32, in_chans=1, video=False)
+  pth = str(tmp_path / "teacher.pth")
+  convert.export_torch({"encoder": checkpoint.load_params(teacher_dir)["encoder"]}, pth, arch, "mae",
+                       parts=("encoder",))
+  from_file = tiny_amd_config("image", teacher=pth)
+  from_file.total_steps = 1
+  assert np.isfinite(loop.run(from_file, str(tmp_path / "student_pth"))["loss_dir"])
+
   bad = tiny_amd_config("image", teacher=teacher_dir)
   bad.teacher.model.width = 96  # does not fit the saved 64-wide teacher
   with pytest.raises(checkpoint.TeacherMismatchError, match="mis-shaped") as err:

@@ -160,15 +160,14 @@ class AMD(MAE):
 
   def teacher_init(self, rng, example_batch):
     x = example_batch[self.input_key()]
-    full_teacher = vit.encoder_from_config(self.config.teacher.model)  # all blocks and the final norm
+    # All blocks (whatever the aligned layers) but no final norm: AMD aligns raw block outputs.
+    full_teacher = vit.encoder_from_config(self.config.teacher.model, final_norm=False)
     nm = self.nested_mask(jax.random.PRNGKey(0), x)
     return full_teacher.init(rng, x, nm.teacher)["params"]
 
   def teacher_features(self, teacher_params, x, nm: masking.NestedMask):
     """Raw teacher block outputs on cat([student-visible, diff]) tokens, stop_gradient'ed."""
     params = teacher_params
-    if "norm" in params and not self.teacher.final_norm:
-      params = {k: v for k, v in params.items() if k != "norm"}
     if not self.teacher.scan:  # blocks past the deepest aligned one are never run
       params = {k: v for k, v in params.items()
                 if not (k.startswith("blocks_") and int(k.split("_")[1]) >= self.teacher.max_depth)}

@@ -118,7 +118,7 @@ def check_fit(expected, given, source: str, what: str = "teacher") -> None:
 RANDOM_TEACHER = "random"  # explicit opt-in, for benchmarks and tests only
 
 
-def load_teacher(teacher_cfg, abstract_params, *, scan: bool, depth: int, rng_init=None):
+def load_teacher(teacher_cfg, abstract_params, *, scan: bool, depth: int, rng_init=None, data_cfg=None):
   """Frozen teacher encoder params from an amd_jax workdir, a PyTorch file, or (explicitly) random init.
 
   Never silently random: an empty or unreadable source, or weights that do not
@@ -139,9 +139,15 @@ def load_teacher(teacher_cfg, abstract_params, *, scan: bool, depth: int, rng_in
     params = params.get("encoder", params) if isinstance(params, dict) else params
   elif os.path.isfile(source):
     from amd_jax.convert import load_torch_encoder  # pylint: disable=g-import-not-at-top
-    params = load_torch_encoder(source, teacher_cfg.model)
+    kwargs = {}
+    if data_cfg is not None:  # the fixed position tables are checked at the run's token grid
+      kwargs = dict(image_size=data_cfg.image_size, num_frames=data_cfg.num_frames, in_chans=data_cfg.channels,
+                    modality=data_cfg.modality)
+    params = load_torch_encoder(source, teacher_cfg.model, final_norm="norm" in abstract_params, **kwargs)
   else:
     raise FileNotFoundError(f"config.teacher.checkpoint={source!r} is neither a workdir nor a file")
   params = vit.match_layout(params, scan, depth)
+  if "norm" in params and "norm" not in abstract_params:
+    params = {k: v for k, v in params.items() if k != "norm"}  # a distillation teacher uses raw block outputs
   check_fit(abstract_params, params, source)
   return jax.tree.map(lambda x: np.asarray(x, np.float32), params)

@@ -133,7 +133,7 @@ def run(config, workdir: str) -> dict[str, float]:
     teacher = checkpoint.load_teacher(
         config.teacher, t_abstract, scan=t_model.scan, depth=vit.resolve_variant(
             t_model.variant, t_model.width, t_model.depth, t_model.num_heads)[1],
-        rng_init=lambda: jax.jit(method.teacher_init)(t_key, example))
+        rng_init=lambda: jax.jit(method.teacher_init)(t_key, example), data_cfg=config.data)
     teacher_shardings = sharding.tree_shardings(teacher, mesh, fsdp=config.get("shard_teacher", use_fsdp))
     teacher = jax.device_put(teacher, teacher_shardings)
 
