@@ -8,6 +8,7 @@ Which of the two a run is follows config.method; both share this code.
 """
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -99,14 +100,27 @@ class MAE(Method):
     m = self.config.model
     tub = m.tubelet_size if x.ndim == 5 else 0
     patches = targets.patchify(x, m.patch_size, tub)
-    if self.config.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
-      true = masking.gather_tokens(patches, mask.masked)
-      pred = pred * jnp.sqrt(true.var(-1, keepdims=True, ddof=1) + 1e-6) + true.mean(-1, keepdims=True)
+    if self.config.norm_pix_loss:  # undo the target's normalisation with the true patch statistics
+      pred = self._denormalize(pred, x, mask)
     visible = masking.gather_tokens(patches, mask.keep)
     recon = masking.ungather_tokens([visible, pred], [mask.keep, mask.masked])
     masked_view = masking.ungather_tokens([visible, jnp.zeros_like(pred)], [mask.keep, mask.masked])
     unpatch = lambda t: targets.unpatchify(t, g.shape, m.patch_size, x.shape[-1], tub)
     return {"input": x, "visible": unpatch(masked_view), "reconstruction": unpatch(recon)}
+
+  def _denormalize(self, pred, x, mask: masking.Mask):
+    """Predicted normalised patches -> patches in the input's (normalised) pixel space."""
+    m = self.config.model
+    if x.ndim == 5:  # VideoMAE: per patch and channel, on the un-normalised clip
+      mean = jnp.asarray(parse_floats(self.config.data.mean), jnp.float32)
+      std = jnp.asarray(parse_floats(self.config.data.std), jnp.float32)
+      raw = masking.gather_tokens(targets.patchify(x * std + mean, m.patch_size, m.tubelet_size), mask.masked)
+      split = lambda t: einops.rearrange(t, "b n (p c) -> b n p c", c=x.shape[-1])
+      raw, p = split(raw), split(pred)
+      p = p * (raw.std(-2, keepdims=True, ddof=1) + targets.NORM_EPS) + raw.mean(-2, keepdims=True)
+      return einops.rearrange((p - mean) / std, "b n p c -> b n (p c)")
+    true = masking.gather_tokens(targets.patchify(x, m.patch_size), mask.masked)
+    return pred * jnp.sqrt(true.var(-1, keepdims=True, ddof=1) + targets.NORM_EPS) + true.mean(-1, keepdims=True)
 
   def flops_per_example(self, example_batch):
     x = example_batch[self.input_key()]
