@@ -42,7 +42,7 @@ def model_config(variant: str = "S") -> ml_collections.ConfigDict:
       scan=False,           # nn.scan over blocks (faster compile for deep models)
       remat="none",         # none | full | dots | dots_no_batch
       drop_path=0.0,
-      attention="xla",      # xla (jax.nn.dot_product_attention, implementation chosen by XLA) | cudnn
+      attention="xla",      # jax.nn.dot_product_attention implementation: xla | cudnn (flash attention, GPUs)
   ))
 
 
@@ -88,7 +88,6 @@ def optim_config() -> ml_collections.ConfigDict:
       warmup_steps=-1,
       warmup_epochs=-1.0,
       grad_clip=0.0,           # 0 disables global-norm clipping
-      layer_decay=1.0,         # fine-tuning only
   ))
 
 
@@ -106,7 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
-  c.eval_every_steps = 0      # 0: only at the end
+  c.allow_config_change = False  # True: continue a workdir whose run had a different config
+  c.shard_teacher = "auto"    # auto (shard like the student when fsdp > 1) | sharded | replicated
   c.model = model_config()
   c.decoder = decoder_config()
   c.data = data_config()

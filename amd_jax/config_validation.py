@@ -33,9 +33,6 @@ def known_fields(method_name: str) -> ml_collections.ConfigDict:
   if extra is not None:
     for key, value in extra().items():
       known[key] = value
-  # Fields every run may carry that the base config leaves out.
-  known.allow_config_change = False
-  known.shard_teacher = False
   return known
 
 
@@ -76,6 +73,8 @@ def validate_model(config, model_cfg=None, field: str = "model"):
   if not 0.0 <= m.drop_path < 1.0:
     _fail(f"{field}.drop_path", m.drop_path, "must be in [0, 1)")
   _check_positive(f"{field}.patch_size", m.patch_size)
+  _check_positive(f"{field}.mlp_ratio", m.mlp_ratio)
+  _check_choice(f"{field}.attention", m.attention, ["xla", "cudnn"])
   data = config.data
   if data.image_size % m.patch_size:
     _fail("data.image_size", data.image_size, f"must be divisible by {field}.patch_size={m.patch_size}")
@@ -130,6 +129,9 @@ def validate(config) -> None:
       _fail(f"optim.{field}", o[field], "must be in [0, 1)")
   if o.weight_decay < 0:
     _fail("optim.weight_decay", o.weight_decay, "must be >= 0")
+  if not o.eps > 0:
+    _fail("optim.eps", o.eps, "must be > 0")
+  _check_choice("shard_teacher", config.shard_teacher, ["auto", "sharded", "replicated"])
   if o.grad_clip < 0:
     _fail("optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
   if o.min_lr < 0:

@@ -69,6 +69,7 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
   # When True, compute logits explicitly and return them with q/k/v.
   return_internals: bool = False
+  implementation: str | None = None  # jax.nn.dot_product_attention's: None (XLA) | 'cudnn'
 
   @nn.compact
   def __call__(self, x):
@@ -95,7 +96,7 @@ class Attention(nn.Module):
                    "q": q.transpose(0, 2, 1, 3), "k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}
     else:
       # XLA picks the fused kernel (cuDNN flash attention on GPUs where it applies).
-      out = jax.nn.dot_product_attention(q, k, v)
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     out = out.reshape(b, n, self.width)
     out = nn.Dense(self.width, kernel_init=dense_init, dtype=self.dtype, name="proj")(out)
     return out, internals
@@ -131,6 +132,7 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   return_internals: bool = False
   drop_path_rate: float = 0.0
+  attention: str | None = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True, drop_rate=None):
@@ -140,7 +142,7 @@ class Block(nn.Module):
     norm = functools.partial(nn.LayerNorm, epsilon=LN_EPS, dtype=jnp.float32)
     rng_fn = lambda: self.make_rng("dropout")
     h, internals = Attention(self.width, self.num_heads, self.qkv_bias, self.dtype,
-                             self.return_internals, name="attn")(norm(name="norm1")(x).astype(self.dtype))
+                             self.return_internals, self.attention, name="attn")(norm(name="norm1")(x).astype(self.dtype))
     x = x + drop_path(h, drop_rate, deterministic, rng_fn).astype(x.dtype)
     h = Mlp(int(self.width * self.mlp_ratio), self.dtype, name="mlp")(norm(name="norm2")(x).astype(self.dtype))
     x = x + drop_path(h, drop_rate, deterministic, rng_fn).astype(x.dtype)
@@ -231,6 +233,7 @@ class Encoder(nn.Module):
   block_layers: tuple[int, ...] = ()   # which block outputs to return (1-based)
   attn_layers: tuple[int, ...] = ()    # which blocks' attention internals to return
   max_depth: int = 0                   # >0: stop after this block (teachers needing early layers only)
+  attention: str = "xla"               # xla | cudnn: jax.nn.dot_product_attention implementation
 
   def _check_layers(self):
     for name, layers in (("block_layers", self.block_layers), ("attn_layers", self.attn_layers)):
@@ -270,7 +273,8 @@ class Encoder(nn.Module):
     depth = self.max_depth or self.depth
     rates = np.linspace(0.0, self.drop_path, self.depth)[:depth]
     block_kwargs = dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                        qkv_bias=self.qkv_bias, dtype=self.dtype)
+                        qkv_bias=self.qkv_bias, dtype=self.dtype,
+                        attention=None if self.attention == "xla" else self.attention)
     out = {}
     policy = REMAT_POLICIES[self.remat]
     if self.scan:
@@ -306,7 +310,7 @@ def encoder_from_config(model_cfg, **overrides) -> Encoder:
       width=width, depth=depth, num_heads=heads, patch_size=model_cfg.patch_size,
       tubelet_size=model_cfg.tubelet_size, mlp_ratio=model_cfg.mlp_ratio, cls_token=model_cfg.cls_token,
       qkv_bias=model_cfg.qkv_bias, pos_emb=model_cfg.pos_emb, dtype=jnp.dtype(model_cfg.dtype),
-      drop_path=model_cfg.drop_path, scan=model_cfg.scan, remat=model_cfg.remat)
+      drop_path=model_cfg.drop_path, scan=model_cfg.scan, remat=model_cfg.remat, attention=model_cfg.attention)
   kwargs.update(overrides)
   return Encoder(**kwargs)
 

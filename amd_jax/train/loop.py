@@ -83,7 +83,7 @@ def write_run_config(workdir: str, config, allow_change: bool) -> None:
       previous = json.load(f)
     diffs = config_validation.identity_diff(previous, current)
     if diffs and not allow_change:
-      raise ValueError(
+      raise config_validation.ConfigError(
           f"workdir {workdir!r} holds a run with a different config ({'; '.join(diffs[:5])}). Nothing was changed. "
           "Use a new --workdir, or pass --config.allow_config_change=True to continue this run with the new config.")
   if jax.process_index() == 0:
@@ -98,7 +98,7 @@ def run(config, workdir: str) -> dict[str, float]:
   config_validation.validate(config)
   os.makedirs(workdir, exist_ok=True)
   config_validation.check_workdir_writable(workdir)
-  write_run_config(workdir, config, config.get("allow_config_change", False))
+  write_run_config(workdir, config, config.allow_config_change)
 
   mesh = sharding.make_mesh(config.mesh)
   method = get_method(config)
@@ -134,7 +134,8 @@ def run(config, workdir: str) -> dict[str, float]:
         config.teacher, t_abstract, scan=t_model.scan, depth=vit.resolve_variant(
             t_model.variant, t_model.width, t_model.depth, t_model.num_heads)[1],
         rng_init=lambda: jax.jit(method.teacher_init)(t_key, example), data_cfg=config.data)
-    teacher_shardings = sharding.tree_shardings(teacher, mesh, fsdp=config.get("shard_teacher", use_fsdp))
+    shard = {"auto": use_fsdp, "sharded": True, "replicated": False}[config.shard_teacher]
+    teacher_shardings = sharding.tree_shardings(teacher, mesh, fsdp=shard)
     teacher = jax.device_put(teacher, teacher_shardings)
 
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
