@@ -84,13 +84,13 @@ def run_controls(config_module, runlocal: bool) -> dict[str, dict]:
 
 
 def format_table(results: dict[str, dict], controls: dict[str, dict]) -> str:
-  rows = ["| encoder | params | pre-training | final loss | kNN top-1 | linear probe top-1 |",
+  rows = ["| encoder | params | pre-training | final pixel loss | kNN top-1 | linear probe top-1 |",
           "|---|---|---|---|---|---|"]
   names = {"teacher": "teacher (MAE, 128 wide)", "mae": "student, MAE (64 wide)", "amd": "student, AMD (64 wide)"}
   for stage in ("teacher", "mae", "amd"):
     r = results[stage]
     rows.append(f"| {names[stage]} | {r['params'] / 1e6:.2f}M | {r['wall_seconds'] / 60:.1f} min | "
-                f"{r.get('loss', float('nan')):.4f} | {r['knn_top1']:.4f} | {r['linear_probe_top1']:.4f} |")
+                f"{r.get('loss_rec', float('nan')):.4f} | {r['knn_top1']:.4f} | {r['linear_probe_top1']:.4f} |")
   for name, r in controls.items():
     rows.append(f"| control: {name} | - | - | - | {r['knn_top1']:.4f} | {r['linear_probe_top1']:.4f} |")
   return "\n".join(rows)
