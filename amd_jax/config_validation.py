@@ -158,7 +158,7 @@ def validate(config) -> None:
 # Fields that define what a run IS; changing them under an existing workdir would
 # silently mix two runs.
 IDENTITY_PREFIXES = ("method", "model.", "decoder.", "data.modality", "data.image_size", "data.channels",
-                     "data.num_frames", "mask.", "teacher.", "amd.")
+                     "data.num_frames", "mask.", "teacher.", "amd.", "dmae.", "tinymim.", "g2sd.")
 
 
 def _flatten(d, prefix=""):

@@ -36,6 +36,34 @@ def relation_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Arr
   return jnp.mean(kl)
 
 
+def relation_logits(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Token-relation logits a b^T / sqrt(d) per head: [B, H, N, d] x [B, H, M, d] -> [B, H, N, M] (float32).
+
+  TinyMIM's relations: softmax(relation_logits(q, k)) (= the attention map) and
+  softmax(relation_logits(v, v)); d is each model's own head_dim.
+  """
+  d = a.shape[-1]
+  return jnp.einsum("bhnd,bhmd->bhnm", a.astype(jnp.float32), b.astype(jnp.float32)) * (d**-0.5)
+
+
+def attention_logit_mse(student_logits: jax.Array, teacher_logits: jax.Array,
+                        head_mix: jax.Array | None = None) -> jax.Array:
+  """MAE-lite's attention distillation: mean squared error of (head-mixed) pre-softmax attention logits.
+
+  student_logits [B, Hs, N, N], teacher_logits [B, Ht, N, N]; head_mix [Hs, Ht] is the
+  learned adapter (a 1x1 convolution over heads without bias):
+    mixed[b, g, i, j] = sum_h head_mix[h, g] * student_logits[b, h, i, j].
+  Mean over B * Ht * N * N. Without head_mix the head counts must match.
+  """
+  s = student_logits.astype(jnp.float32)
+  if head_mix is not None:
+    s = jnp.einsum("bhij,hg->bgij", s, head_mix.astype(jnp.float32))
+  if s.shape != teacher_logits.shape:
+    raise ValueError(f"attention logits of shape {s.shape} (student, after the head adapter) and "
+                     f"{teacher_logits.shape} (teacher) differ; a head adapter maps student heads to teacher heads")
+  return jnp.mean(jnp.square(s - teacher_logits.astype(jnp.float32)))
+
+
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Cross-entropy against soft targets (mixup / label smoothing), mean over the batch."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

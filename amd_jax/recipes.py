@@ -109,3 +109,134 @@ def shrink_for_local_run(c):
   c.batch_size, c.num_epochs, c.total_steps = (4 if video else 8), -1.0, 3
   c.log_every_steps = c.checkpoint_every_steps = 1
   return c
+
+
+# --------------------------------------------------------------------------- related distillation methods
+# Each repository's student layout, by encoder variant. Head counts are explicit: they change the
+# meaning of attention / relation targets but not the weight shapes.
+DMAE_STUDENTS = {"Ti": dict(num_heads=12, decoder=(96, 1, 3)),     # MAE-lite mae_vit_tiny_patch16
+                 "S": dict(num_heads=12, decoder=(192, 1, 6))}     # MAE-lite mae_vit_small_patch16
+TINYMIM_STUDENTS = {"Ti": dict(num_heads=6, last_heads=12),        # tinymim_vit_tiny_patch16
+                    "S": dict(num_heads=6, last_heads=12)}         # tinymim_vit_small_patch16
+G2SD_STUDENTS = {"Ti": dict(num_heads=3, decoder=(128, 4, 4)),     # mae_vit_tiny_patch16_dec128d4b
+                 "S": dict(num_heads=6, decoder=(256, 4, 8))}      # mae_vit_small_patch16_dec256d4b
+
+
+def _imagenet(c, crop_scale_min: float):
+  c.data.update(source="tfds", tfds_name="imagenet2012", split="train", eval_split="validation",
+                image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_scale_min=crop_scale_min,
+                crop_scale_max=1.0, hflip=True, num_workers=32, num_classes=1000)
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+
+
+def _mae_teacher(model, variant: str = "B", scan: bool = True):
+  """A facebookresearch/mae encoder as teacher (12 heads for ViT-B, 16 for ViT-L), heads explicit."""
+  image_model(model, variant)
+  model.update(num_heads=vit_heads(variant), scan=scan)
+
+
+def vit_heads(variant: str) -> int:
+  from amd_jax.models import vit  # pylint: disable=g-import-not-at-top
+  return vit.VARIANTS[variant][2]
+
+
+def dmae_image(variant: str):
+  """D-MAE / MAE-lite (wangsr126/mae-lite, mae_lite_distill_exp.py) on ImageNet-1k.
+
+  Student ViT-Ti or ViT-S with 12 heads (MAE-lite's change), decoder 1 block; teacher
+  MAE ViT-B/16 on the same visible tokens; attention-logit distillation at block 12 <->
+  12 with the head adapter, no hidden distillation; L = L_MAE + 1.0 * L_attn. 400 epochs,
+  batch 4096, lr 2.4e-3 (1.5e-4 per 256), 40 warmup epochs, cosine to 0, AdamW (0.9,
+  0.95), wd 0.05, RandomResizedCrop(0.08, 1) + flip, mask 0.75, norm-pix target.
+  Unscanned stacks: attention logits are read inside the blocks.
+  """
+  s = DMAE_STUDENTS[variant]
+  c = with_method_fields(config_base.base_config(), "dmae")
+  _imagenet(c, crop_scale_min=0.08)
+  image_model(c.model, variant)
+  c.model.update(num_heads=s["num_heads"], scan=False)
+  c.decoder.update(dict(zip(("width", "depth", "num_heads"), s["decoder"])))
+  _mae_teacher(c.teacher.model, "B", scan=False)
+  c.mask.update(ratio=0.75, kind="random")
+  c.norm_pix_loss = True
+  c.dmae.update(attn_student_layers="12", attn_teacher_layers="12", factor_attn=1.0, attn_adapter=True,
+                hidden_student_layers="", hidden_teacher_layers="", factor_rec=1.0)
+  c.batch_size = 4096
+  c.num_epochs = 400.0
+  c.optim.update(base_lr=1.5e-4, warmup_epochs=40.0, b1=0.9, b2=0.95, weight_decay=0.05, min_lr=0.0)
+  return c
+
+
+def tinymim_image(variant: str, sequential: bool = False):
+  """TinyMIM (OliverRensu/TinyMIM) on ImageNet-1k.
+
+  Student ViT-Ti or ViT-S with 6 heads and a 12-head last block; teacher MAE ViT-B/16
+  (12 heads), relations at its block 12; Q-K and V-V relation KL 1:1; unmasked input,
+  ColorJitter 0.4 on the student's view; drop path 0.1 on blocks 1..11. 300 epochs,
+  batch 4096, lr 2.4e-3 (1.5e-4 per 256), 15 warmup epochs, AdamW (0.9, 0.95), wd 0.05,
+  RandomResizedCrop(0.2, 1) + flip. (The README's command: 2048 images per step at the
+  same 1.5e-4 per 256.) `sequential`: the teacher is a TinyMIM ViT-S student (384 wide,
+  6 heads, 12-head last block; its workdir as teacher.checkpoint), relations at its
+  last block: B -> S -> T.
+  """
+  s = TINYMIM_STUDENTS[variant]
+  c = with_method_fields(config_base.base_config(), "tinymim")
+  _imagenet(c, crop_scale_min=0.2)
+  image_model(c.model, variant)
+  c.model.update(num_heads=s["num_heads"], scan=False, drop_path=0.1)
+  if sequential:
+    image_model(c.teacher.model, "S")
+    c.teacher.model.update(num_heads=TINYMIM_STUDENTS["S"]["num_heads"], scan=False)
+    c.tinymim.update(teacher_layer=12, teacher_last_heads=TINYMIM_STUDENTS["S"]["last_heads"])
+  else:
+    _mae_teacher(c.teacher.model, "B", scan=False)
+    c.tinymim.update(teacher_layer=12, teacher_last_heads=0)
+  c.tinymim.update(student_last_heads=s["last_heads"], factor_qk=1.0, factor_vv=1.0, color_jitter=0.4,
+                   constant_drop_path=True)
+  c.batch_size = 4096
+  c.num_epochs = 300.0
+  c.optim.update(base_lr=1.5e-4, warmup_epochs=15.0, b1=0.9, b2=0.95, weight_decay=0.05, min_lr=0.0)
+  return c
+
+
+def g2sd_image(variant: str):
+  """G2SD generic distillation (pengzhiliang/G2SD, GD.sh) on ImageNet-1k.
+
+  Student ViT-Ti (3 heads, decoder 128 wide x 4, 4 heads) or ViT-S (6 heads, decoder 256
+  x 4, 8 heads); teacher the whole MAE ViT-B/16 including its decoder (512 x 8, 16
+  heads): targets are its decoder block-4 features, LayerNorm-ed, on all tokens;
+  smooth-L1 with beta 2. One shared mask at 0.75. 300 epochs, batch 4096, lr 2.4e-3
+  (1.5e-4 per 256), 10 warmup epochs, min lr 2.5e-6, AdamW (0.9, 0.95), wd 0.05,
+  RandomResizedCrop(0.2, 1) + flip. The teacher checkpoint must include the decoder.
+  """
+  s = G2SD_STUDENTS[variant]
+  c = with_method_fields(config_base.base_config(), "g2sd")
+  _imagenet(c, crop_scale_min=0.2)
+  image_model(c.model, variant)
+  c.model.update(num_heads=s["num_heads"])
+  c.decoder.update(dict(zip(("width", "depth", "num_heads"), s["decoder"])))
+  _mae_teacher(c.teacher.model, "B")
+  c.teacher.decoder.update(width=512, depth=8, num_heads=16)
+  c.mask.update(ratio=0.75, kind="random")
+  c.g2sd.update(teacher_decoder_layer=4, tokens="all", loss="smooth_l1", smooth_l1_beta=2.0)
+  c.batch_size = 4096
+  c.num_epochs = 300.0
+  c.optim.update(base_lr=1.5e-4, warmup_epochs=10.0, b1=0.9, b2=0.95, weight_decay=0.05, min_lr=2.5e-6)
+  return c
+
+
+def shrink_distill_for_local_run(c):
+  """`:runlocal` for the D-MAE / TinyMIM / G2SD recipes: tiny synthetic run with a random teacher."""
+  shrink_for_local_run(c)
+  for m in (c.model, c.teacher.model):
+    m.update(width=0, depth=0, num_heads=0, drop_path=0.0)  # the 'tiny' variant: 32 wide, 2 deep, 2 heads
+  c.teacher.checkpoint = "random"
+  if c.method == "dmae":
+    c.dmae.update(attn_student_layers="2", attn_teacher_layers="2")
+  elif c.method == "tinymim":
+    c.tinymim.update(teacher_layer=2, student_last_heads=2, teacher_last_heads=0)
+  elif c.method == "g2sd":
+    c.teacher.decoder.update(width=32, depth=2, num_heads=2)
+    c.g2sd.teacher_decoder_layer = 1
+  return c

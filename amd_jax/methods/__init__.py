@@ -12,6 +12,9 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "mae": ("amd_jax.methods.mae", "MAE"),
     "videomae": ("amd_jax.methods.mae", "VideoMAE"),
     "amd": ("amd_jax.methods.amd", "AMD"),
+    "dmae": ("amd_jax.methods.dmae", "DMAE"),
+    "tinymim": ("amd_jax.methods.tinymim", "TinyMIM"),
+    "g2sd": ("amd_jax.methods.g2sd", "G2SD"),
 }
 
 

@@ -36,6 +36,9 @@ class Method(abc.ABC):
     ...
 
   has_teacher: bool = False
+  # Which parts of a teacher run's params the loader brings: ("encoder",) gives the bare encoder
+  # params; more (G2SD: ("encoder", "decoder")) give {part: params}.
+  teacher_parts: tuple[str, ...] = ("encoder",)
 
   def teacher_init(self, rng: jax.Array, example_batch: dict) -> Params:
     """Randomly initialised teacher params: their structure is what a loaded teacher must match.

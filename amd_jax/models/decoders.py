@@ -1,4 +1,4 @@
-"""Decoders that fill in masked tokens: MAE's pixel decoder and AMD's feature generator.
+"""Decoders that fill in masked tokens: MAE's pixel decoder, AMD's feature generator, G2SD's feature decoder.
 
 Both take the encoder's tokens at the `keep` positions and predict something at
 the `target` positions. Tokens are laid out as cat([visible, targets]) with the
@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from amd_jax.models import posemb
 from amd_jax.models.vit import LN_EPS, Block, dense_init, gather_tokens
@@ -28,6 +29,12 @@ class MaskedTokenDecoder(nn.Module):
     embed: 'bias' (MAE decoder_embed), 'nobias' (VideoMAE encoder_to_decoder) or 'none' (input
       already at `width`, as in AMD's generators).
     out_dim: width of the final Linear head; 0 = no head (return block outputs).
+    max_depth: > 0 runs only the first max_depth blocks (G2SD's teacher stops after block 4
+      of 8); the blocks after it, and the norm and head if configured, still exist in the
+      params of a full decoder, so pass `final_norm=False, out_dim=0` to read raw block outputs.
+    return_all: return every token (the cls token first when has_cls, then the grid in
+      row-major order) instead of the target tokens only. `keep` and `target` must then
+      cover the grid exactly once (G2SD supervises all tokens).
   """
   width: int
   depth: int
@@ -42,6 +49,8 @@ class MaskedTokenDecoder(nn.Module):
   final_norm: bool = True
   train_mask_token: bool = True
   dtype: Any = jnp.float32
+  max_depth: int = 0
+  return_all: bool = False
 
   @nn.compact
   def __call__(self, x, keep, target):
@@ -64,12 +73,40 @@ class MaskedTokenDecoder(nn.Module):
     num_targets = target.shape[1]
     parts.append(jnp.broadcast_to(mask_token, (b, num_targets, self.width)) + pos(target))
     h = jnp.concatenate(parts, axis=1)
-    for i in range(self.depth):
+    depth = min(self.max_depth, self.depth) if self.max_depth > 0 else self.depth
+    for i in range(depth):
       h, _ = Block(self.width, self.num_heads, self.mlp_ratio, self.qkv_bias, self.dtype, name=f"blocks_{i}")(h)
-    h = h[:, -num_targets:]
+    if self.return_all:
+      h = self._grid_order(h, keep, target)
+    else:
+      h = h[:, -num_targets:]
     if self.final_norm:
       h = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name="norm")(h)
     if self.out_dim:
       h = nn.Dense(self.out_dim, kernel_init=dense_init, dtype=self.dtype, name="head")(h)
     return h.astype(jnp.float32)
+
+  def _grid_order(self, h, keep, target):
+    """cat([cls?, keep tokens, target tokens]) -> cat([cls?, tokens in grid order]) by the inverse permutation."""
+    num_cls = int(self.has_cls)
+    order = jnp.concatenate([keep, target], axis=1)
+    if order.shape[1] != int(np.prod(self.grid)):
+      raise ValueError(f"return_all needs keep ({keep.shape[1]}) + target ({target.shape[1]}) tokens to cover the "
+                       f"grid of {int(np.prod(self.grid))} tokens")
+    body = gather_tokens(h[:, num_cls:], jnp.argsort(order, axis=1))
+    return jnp.concatenate([h[:, :num_cls], body], axis=1)
+
+
+class FeaturePredictor(nn.Module):
+  """G2SD's prediction head on the student decoder: Linear -> exact GELU -> Linear (`hidden`, then `out_dim`)."""
+  hidden: int
+  out_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dense(self.out_dim, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
+    return x.astype(jnp.float32)
 

@@ -7,7 +7,9 @@ amd_jax.masking), which is how every masked method feeds it; `keep=None` means a
 Intermediates: `Encoder.__call__` returns (tokens, out) where `out` holds, on
 request, the raw (pre-final-norm) residual stream after chosen blocks
 ('block_{l}', l 1-based) and attention logits / q / k / v of chosen blocks
-('attn_logits_{l}', 'q_{l}', 'k_{l}', 'v_{l}'; [B, heads, N, head_dim]).
+('attn_logits_{l}', 'q_{l}', 'k_{l}', 'v_{l}'; [B, heads, N, head_dim]) and the LayerNorm-ed
+input of chosen blocks' attention ('norm1_{l}', [B, N, width]: MAE-lite's hidden states).
+A TinyMIM student's last block may use its own head count (`last_block_num_heads`).
 
 Parameter names follow the official PyTorch modules (patch_embed.proj, blocks_i.
 norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2, norm) so conversion is a rename.
@@ -133,6 +135,8 @@ class Block(nn.Module):
   return_internals: bool = False
   drop_path_rate: float = 0.0
   attention: str | None = None
+  return_norm1: bool = False   # also return LN1(x) (the attention's input) as internals['norm1']
+  use_mlp: bool = True         # False: skip the MLP branch (its params, if given, are left unused)
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True, drop_rate=None):
@@ -141,9 +145,14 @@ class Block(nn.Module):
     drop_rate = self.drop_path_rate if drop_rate is None else drop_rate
     norm = functools.partial(nn.LayerNorm, epsilon=LN_EPS, dtype=jnp.float32)
     rng_fn = lambda: self.make_rng("dropout")
+    normed = norm(name="norm1")(x)
     h, internals = Attention(self.width, self.num_heads, self.qkv_bias, self.dtype,
-                             self.return_internals, self.attention, name="attn")(norm(name="norm1")(x).astype(self.dtype))
+                             self.return_internals, self.attention, name="attn")(normed.astype(self.dtype))
+    if self.return_norm1:
+      internals = {**internals, "norm1": normed}
     x = x + drop_path(h, drop_rate, deterministic, rng_fn).astype(x.dtype)
+    if not self.use_mlp:
+      return x, internals
     h = Mlp(int(self.width * self.mlp_ratio), self.dtype, name="mlp")(norm(name="norm2")(x).astype(self.dtype))
     x = x + drop_path(h, drop_rate, deterministic, rng_fn).astype(x.dtype)
     return x, internals
@@ -233,16 +242,31 @@ class Encoder(nn.Module):
   block_layers: tuple[int, ...] = ()   # which block outputs to return (1-based)
   attn_layers: tuple[int, ...] = ()    # which blocks' attention internals to return
   max_depth: int = 0                   # >0: stop after this block (teachers needing early layers only)
+  norm1_layers: tuple[int, ...] = ()   # blocks whose LN1 output (attention input) to return as 'norm1_{l}'
+  last_block_num_heads: int = 0        # >0: the last block uses this head count (TinyMIM students)
+  last_block_mlp: bool = True          # False: the last block skips its MLP branch (TinyMIM features)
+  drop_path_rates: tuple[float, ...] = ()  # explicit per-block rates (len == depth); () = linear 0 -> drop_path
   attention: str = "xla"               # xla | cudnn: jax.nn.dot_product_attention implementation
 
   def _check_layers(self):
-    for name, layers in (("block_layers", self.block_layers), ("attn_layers", self.attn_layers)):
+    for name, layers in (("block_layers", self.block_layers), ("attn_layers", self.attn_layers),
+                         ("norm1_layers", self.norm1_layers)):
       for l in layers:
         if not 1 <= l <= self.depth:
           raise ValueError(f"{name} asks for block {l}, but the encoder has blocks 1..{self.depth}")
-    if self.scan and self.attn_layers:
-      raise ValueError("attention internals (attn_layers) need scan=False: a scanned stack returns "
-                       "block outputs only")
+    if self.scan and (self.attn_layers or self.norm1_layers):
+      raise ValueError("attention internals (attn_layers, norm1_layers) need scan=False: a scanned stack "
+                       "returns block outputs only")
+    if self.scan and not self.last_block_mlp:
+      raise ValueError("last_block_mlp=False needs scan=False: a scanned stack has one block layout")
+    if self.last_block_num_heads:
+      if self.scan:
+        raise ValueError("last_block_num_heads needs scan=False: a scanned stack has one head count")
+      if self.width % self.last_block_num_heads:
+        raise ValueError(f"last_block_num_heads={self.last_block_num_heads} must divide the width {self.width}")
+    if self.drop_path_rates and len(self.drop_path_rates) != self.depth:
+      raise ValueError(f"drop_path_rates has {len(self.drop_path_rates)} entries; the encoder has {self.depth} "
+                       "blocks")
 
   def embed(self, inputs, keep=None):
     """Patch-embed, add fixed position embeddings, keep a subset of tokens, prepend cls."""
@@ -271,7 +295,11 @@ class Encoder(nn.Module):
 
   def run_blocks(self, x, *, train: bool):
     depth = self.max_depth or self.depth
-    rates = np.linspace(0.0, self.drop_path, self.depth)[:depth]
+    if self.drop_path_rates:
+      rates = np.asarray(self.drop_path_rates, np.float64)[:depth]
+    else:
+      rates = np.linspace(0.0, self.drop_path, self.depth)[:depth]
+    use_rates = bool(self.drop_path > 0 or any(r > 0 for r in rates))
     block_kwargs = dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                         qkv_bias=self.qkv_bias, dtype=self.dtype,
                         attention=None if self.attention == "xla" else self.attention)
@@ -282,9 +310,9 @@ class Encoder(nn.Module):
       if self.remat != "none":
         body = nn.remat(body, policy=policy, prevent_cse=False)
       stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=0 if self.drop_path > 0 else nn.broadcast, length=depth)
+                      in_axes=0 if use_rates else nn.broadcast, length=depth)
       x, ys = stack(block_kwargs, deterministic=not train, collect=bool(self.block_layers),
-                    name="blocks")(x, jnp.asarray(rates, jnp.float32) if self.drop_path > 0 else None)
+                    name="blocks")(x, jnp.asarray(rates, jnp.float32) if use_rates else None)
       for l in self.block_layers:
         if l <= depth:
           out[f"block_{l}"] = ys[l - 1]
@@ -294,7 +322,13 @@ class Encoder(nn.Module):
       block_cls = nn.remat(Block, policy=policy, static_argnums=(2,))
     for i in range(depth):
       layer = i + 1
-      x, internals = block_cls(**block_kwargs, return_internals=layer in self.attn_layers,
+      kwargs = dict(block_kwargs)
+      if self.last_block_num_heads and layer == self.depth:
+        kwargs["num_heads"] = self.last_block_num_heads
+      if not self.last_block_mlp and layer == self.depth:
+        kwargs["use_mlp"] = False
+      x, internals = block_cls(**kwargs, return_internals=layer in self.attn_layers,
+                               return_norm1=layer in self.norm1_layers,
                                drop_path_rate=float(rates[i]), name=f"blocks_{i}")(x, not train)
       if layer in self.block_layers:
         out[f"block_{layer}"] = x

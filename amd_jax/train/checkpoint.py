@@ -118,13 +118,18 @@ def check_fit(expected, given, source: str, what: str = "teacher") -> None:
 RANDOM_TEACHER = "random"  # explicit opt-in, for benchmarks and tests only
 
 
-def load_teacher(teacher_cfg, abstract_params, *, scan: bool, depth: int, rng_init=None, data_cfg=None):
-  """Frozen teacher encoder params from an amd_jax workdir, a PyTorch file, or (explicitly) random init.
+def load_teacher(teacher_cfg, abstract_params, *, scan: bool, depth: int, rng_init=None, data_cfg=None,
+                 parts: tuple[str, ...] = ("encoder",)):
+  """Frozen teacher params from an amd_jax workdir, a PyTorch file, or (explicitly) random init.
 
+  `parts` is the method's `teacher_parts`: ("encoder",) (the default) gives the bare encoder
+  params; more parts (G2SD: ("encoder", "decoder")) give {part: params} for each, and a
+  source without one of them stops the run.
   Never silently random: an empty or unreadable source, or weights that do not
   fit the configured architecture, stop the run with the keys and shapes.
   """
-  from amd_jax.models import vit  # pylint: disable=g-import-not-at-top
+  parts = tuple(parts)
+  encoder_only = parts == ("encoder",)
   source = teacher_cfg.checkpoint
   if not source:
     raise ValueError("config.teacher.checkpoint is empty: distillation needs a pre-trained teacher. Give the "
@@ -136,18 +141,60 @@ def load_teacher(teacher_cfg, abstract_params, *, scan: bool, depth: int, rng_in
     params = rng_init()
   elif os.path.isdir(source):
     params = load_params(source)
-    params = params.get("encoder", params) if isinstance(params, dict) else params
+    if encoder_only:
+      params = params.get("encoder", params) if isinstance(params, dict) else params
+    else:
+      missing = [p for p in parts if p not in params]
+      if missing:
+        raise TeacherMismatchError(
+            f"config.teacher.checkpoint={source!r} holds no {' or '.join(map(repr, missing))} weights (its params "
+            f"hold: {', '.join(sorted(params))}), but this method's teacher needs its {' and '.join(parts)}: give "
+            "the workdir of a run that has them (for a G2SD teacher: an MAE run).")
+      params = {p: params[p] for p in parts}
   elif os.path.isfile(source):
-    from amd_jax.convert import load_torch_encoder  # pylint: disable=g-import-not-at-top
     kwargs = {}
     if data_cfg is not None:  # the fixed position tables are checked at the run's token grid
       kwargs = dict(image_size=data_cfg.image_size, num_frames=data_cfg.num_frames, in_chans=data_cfg.channels,
                     modality=data_cfg.modality)
-    params = load_torch_encoder(source, teacher_cfg.model, final_norm="norm" in abstract_params, **kwargs)
+    if encoder_only:
+      from amd_jax.convert import load_torch_encoder  # pylint: disable=g-import-not-at-top
+      params = load_torch_encoder(source, teacher_cfg.model, final_norm="norm" in abstract_params, **kwargs)
+    else:
+      params = _load_torch_parts(source, teacher_cfg, abstract_params, parts, data_cfg)
   else:
     raise FileNotFoundError(f"config.teacher.checkpoint={source!r} is neither a workdir nor a file")
-  params = vit.match_layout(params, scan, depth)
-  if "norm" in params and "norm" not in abstract_params:
-    params = {k: v for k, v in params.items() if k != "norm"}  # a distillation teacher uses raw block outputs
+  if encoder_only:
+    params = _fit_encoder(params, abstract_params, scan, depth)
+  else:
+    params = dict(params)
+    params["encoder"] = _fit_encoder(params["encoder"], abstract_params["encoder"], scan, depth)
   check_fit(abstract_params, params, source)
   return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+def _fit_encoder(params, abstract, scan: bool, depth: int):
+  from amd_jax.models import vit  # pylint: disable=g-import-not-at-top
+  params = vit.match_layout(params, scan, depth)
+  if "norm" in params and "norm" not in abstract:
+    params = {k: v for k, v in params.items() if k != "norm"}  # a distillation teacher uses raw block outputs
+  return params
+
+
+def _load_torch_parts(source: str, teacher_cfg, abstract_params, parts, data_cfg):
+  """Several parts (encoder + decoder) of an official checkpoint; a missing part stops with its keys."""
+  from amd_jax import convert  # pylint: disable=g-import-not-at-top
+  image_size, num_frames, channels, video = 224, 16, 3, None
+  if data_cfg is not None:
+    image_size, num_frames, channels = data_cfg.image_size, data_cfg.num_frames, data_cfg.channels
+    video = data_cfg.modality == "video"
+  arch = convert.arch_from_config(teacher_cfg.model, decoder_cfg=teacher_cfg.get("decoder"), image_size=image_size,
+                                  num_frames=num_frames, in_chans=channels, video=video,
+                                  final_norm="norm" in abstract_params["encoder"])
+  try:
+    params, _ = convert.load_torch_checkpoint(source, arch, parts=parts, scan=bool(teacher_cfg.model.scan))
+  except convert.ConversionError as e:
+    raise TeacherMismatchError(
+        f"config.teacher.checkpoint={source!r} does not hold all this method's teacher needs ({' and '.join(parts)};"
+        " for a G2SD teacher: an MAE checkpoint WITH its decoder, e.g. facebookresearch/mae's *_full.pth): "
+        f"{e}") from None
+  return {p: params[p] for p in parts}

@@ -133,7 +133,8 @@ def run(config, workdir: str) -> dict[str, float]:
     teacher = checkpoint.load_teacher(
         config.teacher, t_abstract, scan=t_model.scan, depth=vit.resolve_variant(
             t_model.variant, t_model.width, t_model.depth, t_model.num_heads)[1],
-        rng_init=lambda: jax.jit(method.teacher_init)(t_key, example), data_cfg=config.data)
+        rng_init=lambda: jax.jit(method.teacher_init)(t_key, example), data_cfg=config.data,
+        parts=method.teacher_parts)
     shard = {"auto": use_fsdp, "sharded": True, "replicated": False}[config.shard_teacher]
     teacher_shardings = sharding.tree_shardings(teacher, mesh, fsdp=shard)
     teacher = jax.device_put(teacher, teacher_shardings)
