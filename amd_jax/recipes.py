@@ -41,6 +41,30 @@ def image_model(model, variant: str):
                dtype="bfloat16", scan=True)
 
 
+def videomae(variant: str, dataset: str, epochs: float):
+  """VideoMAE pre-training (official scripts): tube mask 0.9, 16 frames, decoder 4 deep, no flip.
+
+  lr 1.5e-4 per 256 clips (1.2e-3 at the official global batch 2048), 40 warmup epochs,
+  min lr 1e-5, AdamW (0.9, 0.95), wd 0.05, per-patch-per-channel norm-pix target.
+  """
+  c = config_base.base_config()
+  c.method = "videomae"
+  ds = VIDEO_DATASETS[dataset]
+  c.data.update(source="video_list", modality="video", image_size=224, channels=3, num_frames=16,
+                sampling_rate=ds["sampling_rate"], mean=IMAGENET_MEAN, std=IMAGENET_STD, hflip=False,
+                multiscale_scales="1,0.875,0.75,0.66", num_workers=32, num_classes=ds["num_classes"])
+  video_model(c.model, variant)
+  c.decoder.update(dict(zip(("width", "depth", "num_heads"), VIDEO_DECODERS[variant])))
+  c.mask.update(ratio=0.9, kind="tube")
+  c.norm_pix_loss = True
+  c.batch_size = 2048
+  c.num_epochs = float(epochs)
+  c.optim.update(base_lr=1.5e-4, warmup_epochs=40.0, b1=0.9, b2=0.95, weight_decay=0.05, min_lr=1e-5)
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+  return c
+
+
 def amd_video(variant: str, dataset: str):
   """AMD video pre-training (official scripts): ViT-L VideoMAE teacher, mask 0.90 / 0.75 tube.
 
