@@ -46,6 +46,14 @@ def model_config(variant: str = "S") -> ml_collections.ConfigDict:
   ))
 
 
+def teacher_config(variant: str) -> ml_collections.ConfigDict:
+  """config.teacher of the distillation methods: the frozen teacher's architecture and weights."""
+  return ml_collections.ConfigDict(dict(
+      model=model_config(variant),
+      checkpoint="",   # amd_jax workdir | .pth/.safetensors | 'random' (benchmarks/tests only)
+  ))
+
+
 def decoder_config(width: int = 512, depth: int = 8, num_heads: int = 16) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(width=width, depth=depth, num_heads=num_heads, mlp_ratio=4.0))
 

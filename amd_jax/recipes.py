@@ -74,13 +74,8 @@ def amd_video(variant: str, dataset: str):
   repeated sampling yet: 2048 distinct clips per step for 800 epochs presents as
   many samples in as many steps; warmup is scaled to 40 epochs likewise.
   """
-  c = with_method_fields(config_base.base_config(), "amd")
-  ds = VIDEO_DATASETS[dataset]
-  c.data.update(source="video_list", modality="video", image_size=224, channels=3, num_frames=16,
-                sampling_rate=ds["sampling_rate"], mean=IMAGENET_MEAN, std=IMAGENET_STD, hflip=False,
-                multiscale_scales="1,0.875,0.75,0.66", num_workers=32, num_classes=ds["num_classes"])
-  video_model(c.model, variant)
-  c.decoder.update(dict(zip(("width", "depth", "num_heads"), VIDEO_DECODERS[variant])))
+  # The student side is VideoMAE's recipe; AMD adds the teacher and its own optimiser settings.
+  c = with_method_fields(videomae(variant, dataset, epochs=800), "amd")
   video_model(c.teacher.model, "L")
   c.mask.update(ratio=0.90, kind="tube")
   c.teacher.mask_ratio = 0.75

@@ -43,10 +43,7 @@ class DMAE(MAE):
   @staticmethod
   def extra_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        teacher=dict(
-            model=config_base.model_config("B"),
-            checkpoint="",          # amd_jax workdir | .pth/.safetensors | 'random' (benchmarks/tests only)
-        ),
+        teacher=config_base.teacher_config("B"),
         dmae=dict(
             attn_student_layers="12",  # 1-based student blocks whose attention logits are distilled
             attn_teacher_layers="12",  # the teacher blocks they match, pairwise (official: the same indices)

@@ -96,10 +96,7 @@ class TinyMIM(Method):
   @staticmethod
   def extra_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        teacher=dict(
-            model=config_base.model_config("B"),
-            checkpoint="",         # amd_jax workdir | .pth/.safetensors | 'random' (benchmarks/tests only)
-        ),
+        teacher=config_base.teacher_config("B"),
         tinymim=dict(
             teacher_layer=12,        # 1-based teacher block whose relations are the targets (ViT-L: 18)
             student_last_heads=12,   # heads of the student's LAST block: the teacher's head count there
