@@ -36,6 +36,10 @@ EXTRAS = {
         "torch==2.13.0",
         "transformers>=4.40",
         "safetensors>=0.4",
+        # tests/test_notebook.py executes notebooks/quickstart.ipynb headless.
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
     ],
     "torch": ["torch", "safetensors>=0.4"],
 }

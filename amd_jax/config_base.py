@@ -77,6 +77,15 @@ def data_config() -> ml_collections.ConfigDict:
       crop_scale_max=1.0,
       hflip=True,
       multiscale_scales="1,0.875,0.75,0.66",  # video multi-scale crop
+      # Fine-tuning augmentation (amd_jax/data/augment.py); the defaults leave it off.
+      train_crop="default",    # default: images RRC, videos multi-scale crop | rrc: RRC for videos too
+                               # (crop_scale_min/max, aspect 3/4..4/3; VideoMAE fine-tuning)
+      randaugment="",          # timm-style RandAugment, e.g. 'rand-m9-mstd0.5-inc1'; '' = off
+      random_erase=0.0,        # probability of erasing one rectangle (a cube for clips) with noise
+      repeated_aug=1,          # augmented copies of each sampled example, consecutive in a batch;
+                               # per-process batch must be a multiple (1 = off)
+      test_num_clips=1,        # video eval: clips evenly spaced in time ...
+      test_num_crops=1,        # ... x spatial crops along the longer side; >1 view: [b, V, T, H, W, C]
       num_workers=0,           # grain multiprocessing workers; 0 = in-process with thread prefetch
       prefetch=2,
       synthetic_size=512,      # synthetic only: number of examples
@@ -96,11 +105,19 @@ def optim_config() -> ml_collections.ConfigDict:
       warmup_steps=-1,
       warmup_epochs=-1.0,
       grad_clip=0.0,           # 0 disables global-norm clipping
+      ema_decay=0.0,           # >0: keep an EMA of the weights (evaluated beside them); 0 = off
   ))
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  """Device mesh (amd_jax/train/sharding.py, docs/scaling.md). data*fsdp*tensor = device count."""
+  return ml_collections.ConfigDict(dict(
+      data=-1,        # pure data parallel; -1: whatever the other axes leave
+      fsdp=1,         # data parallel with params and optimizer state sharded
+      tensor=1,       # attention heads and MLP hidden units split
+      dcn_data=1,     # TPU slices the data axis spans (multi-slice); must equal the slice count
+      rules="",       # activation rule overrides, e.g. 'embed=tensor,mlp=' ('' = sharding.DEFAULT_RULES)
+  ))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -113,7 +130,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  c.image_every_steps = 0     # >0: write masked views, reconstructions and attention (amd_jax.visualize) to
+                              # TensorBoard every N steps; 0 = off
   c.allow_config_change = False  # True: continue a workdir whose run had a different config
+  c.nan_policy = "stop"       # a NaN/Inf loss, gradient or update: stop (checkpoints untouched) | skip | off;
+                              # see amd_jax/train/guard.py
   c.shard_teacher = "auto"    # auto (shard like the student when fsdp > 1) | sharded | replicated
   c.model = model_config()
   c.decoder = decoder_config()
@@ -133,6 +154,8 @@ def base_config() -> ml_collections.ConfigDict:
       probe_lr=0.1,
       probe_batch_size=256,
       max_train_examples=0,   # 0: all
+      every_steps=0,          # classifiers: evaluate top-1/top-5 every N steps (0: at the end only)
+      batch_size=0,           # classification eval batch (0: config.batch_size)
   ))
   return c
 

@@ -14,6 +14,7 @@ import ml_collections
 
 from amd_jax import config_base
 from amd_jax.models import vit
+from amd_jax.train import guard
 
 
 class ConfigError(ValueError):
@@ -132,10 +133,18 @@ def validate(config) -> None:
   if not o.eps > 0:
     _fail("optim.eps", o.eps, "must be > 0")
   _check_choice("shard_teacher", config.shard_teacher, ["auto", "sharded", "replicated"])
+  _check_choice("nan_policy", config.nan_policy, guard.POLICIES)
   if o.grad_clip < 0:
     _fail("optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
   if o.min_lr < 0:
     _fail("optim.min_lr", o.min_lr, "must be >= 0")
+  if not 0.0 <= o.ema_decay < 1.0:
+    _fail("optim.ema_decay", o.ema_decay, "must be in [0, 1) (0 disables the EMA of the weights)")
+  for field in ("every_steps", "batch_size"):
+    if config.eval[field] < 0:
+      _fail(f"eval.{field}", config.eval[field], "must be >= 0 (0: see config_base)")
+  if config.eval.batch_size % n_dev:
+    _fail("eval.batch_size", config.eval.batch_size, f"must be divisible by the number of devices ({n_dev})")
 
   try:
     from amd_jax.train import sharding  # pylint: disable=g-import-not-at-top
@@ -158,7 +167,8 @@ def validate(config) -> None:
 # Fields that define what a run IS; changing them under an existing workdir would
 # silently mix two runs.
 IDENTITY_PREFIXES = ("method", "model.", "decoder.", "data.modality", "data.image_size", "data.channels",
-                     "data.num_frames", "mask.", "teacher.", "amd.", "dmae.", "tinymim.", "g2sd.")
+                     "data.num_frames", "mask.", "teacher.", "amd.", "dmae.", "tinymim.", "g2sd.",
+                     "finetune.", "distill.")
 
 
 def _flatten(d, prefix=""):
@@ -182,7 +192,9 @@ def identity_diff(previous: dict, current: dict) -> list[str]:
 
 
 def check_workdir_writable(workdir: str) -> None:
+  """Create `workdir` if needed and write a file in it; a ConfigError says why not."""
   try:
+    os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
       pass
   except OSError as e:

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from amd_jax import progress
 from amd_jax.data import pipeline
 from amd_jax.train import sharding
 
@@ -38,7 +39,11 @@ def extract_features(feature_fn, data_cfg, *, split: str, batch_size: int, mesh,
 
   feats, labels = [], []
   t0 = time.perf_counter()
-  for local in dataset:
+  num = pipeline.num_examples(data_cfg, split)
+  num = min(num, max_examples) if max_examples > 0 else num
+  total = pipeline.eval_batches_per_process(num, batch_size // jax.process_count(), jax.process_count())
+  for local in progress.bar(dataset, total=total, desc=f"{split} features", unit="batch",
+                            process_index=jax.process_index()):
     f, y, m = jax.device_get(step(sharding.global_batch(local, batch_shard)))
     m = np.asarray(m, bool)
     feats.append(np.asarray(f)[m])
@@ -51,7 +56,8 @@ def extract_features(feature_fn, data_cfg, *, split: str, batch_size: int, mesh,
 
 def knn_accuracy(train_x, train_y, test_x, test_y, *, num_classes: int, k: int = 20, temperature: float = 0.07,
                  chunk: int = 1024) -> float:
-  """Weighted kNN top-1 accuracy with cosine similarity."""
+  """Weighted kNN top-1 accuracy with cosine similarity (k capped at the number of train features)."""
+  k = min(k, len(train_x))
   normalize = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
   train_x = jnp.asarray(normalize(train_x))
   train_y = jnp.asarray(train_y)
@@ -79,6 +85,7 @@ def linear_probe_accuracy(train_x, train_y, test_x, test_y, *, num_classes: int,
   mean, std = train_x.mean(0), np.sqrt(train_x.var(0) + 1e-6)
   tx_, te_ = (train_x - mean) / std, (test_x - mean) / std
   n, d = tx_.shape
+  batch_size = min(batch_size, n)   # fewer train features than one batch (smoke runs)
   steps_per_epoch = max(n // batch_size, 1)
   schedule = optax.cosine_decay_schedule(lr, epochs * steps_per_epoch)
   opt = optax.sgd(schedule, momentum=0.9)

@@ -259,3 +259,106 @@ def shrink_distill_for_local_run(c):
     c.teacher.decoder.update(width=32, depth=2, num_heads=2)
     c.g2sd.teacher_decoder_layer = 1
   return c
+
+
+# --------------------------------------------------------------------------- fine-tuning
+# (blr per 256 examples, layer decay, epochs) of the official fine-tuning scripts.
+IMAGE_FINETUNE = {"S": dict(base_lr=5e-4, layer_decay=0.75, epochs=100.0),   # MAE recipe; 0.75 for ViT-S (ours)
+                  "B": dict(base_lr=5e-4, layer_decay=0.65, epochs=100.0)}   # facebookresearch/mae FINETUNE.md
+VIDEO_FINETUNE = {("S", "ssv2"): dict(base_lr=1e-3, epochs=40.0, clips=2),   # AMD scripts (finetune)
+                  ("B", "ssv2"): dict(base_lr=5e-4, epochs=30.0, clips=2),
+                  ("S", "k400"): dict(base_lr=1e-3, epochs=150.0, clips=5),
+                  ("B", "k400"): dict(base_lr=5e-4, epochs=90.0, clips=5)}
+
+
+def _finetune_common(c, *, base_lr: float, layer_decay: float, epochs: float, batch_size: int,
+                     warmup_epochs: float = 5.0):
+  """AdamW (0.9, 0.999), wd 0.05, warmup then cosine to 1e-6, drop path 0.1, mixup 0.8 / cutmix 1.0,
+  label smoothing 0.1, mean pooling + fc_norm: what MAE, VideoMAE and AMD fine-tuning share."""
+  c.finetune.update(pool="mean", head_init_scale=1e-3, layer_decay=layer_decay, mixup=0.8, cutmix=1.0,
+                    mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1)
+  c.model.drop_path = 0.1
+  c.batch_size = batch_size
+  c.num_epochs = float(epochs)
+  c.optim.update(base_lr=base_lr, lr=-1.0, warmup_epochs=warmup_epochs, b1=0.9, b2=0.999, eps=1e-8,
+                 weight_decay=0.05, min_lr=1e-6, grad_clip=0.0)
+  c.eval.update(probe=False, every_steps=5000)
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+  return c
+
+
+def finetune_image(variant: str, method: str = "finetune"):
+  """ImageNet-1k fine-tuning, facebookresearch/mae's recipe (FINETUNE.md).
+
+  Batch 1024, blr 5e-4, layer decay 0.65 (ViT-B; 0.75 for ViT-S, amd_jax's choice), 100
+  epochs with 5 warmup, drop path 0.1, RandAugment m9-mstd0.5-inc1, random erasing 0.25,
+  RandomResizedCrop(0.08, 1) + flip, mixup 0.8, cutmix 1.0, smoothing 0.1, global pool.
+  Set --config.finetune.init to the pre-training workdir (or an official .pth).
+  """
+  r = IMAGE_FINETUNE[variant]
+  c = with_method_fields(config_base.base_config(), method)
+  _imagenet(c, crop_scale_min=0.08)
+  c.data.update(randaugment="rand-m9-mstd0.5-inc1", random_erase=0.25)
+  image_model(c.model, variant)
+  return _finetune_common(c, base_lr=r["base_lr"], layer_decay=r["layer_decay"], epochs=r["epochs"],
+                          batch_size=1024)
+
+
+def finetune_video(variant: str, dataset: str):
+  """SSv2 / K400 fine-tuning, the AMD (VideoMAE) scripts' recipe.
+
+  AdamW (0.9, 0.999), wd 0.05, layer decay 0.75, drop path 0.1, 5 warmup epochs, min lr
+  1e-6, mixup 0.8, cutmix 1.0, smoothing 0.1, RandAugment m7-n4-mstd0.5-inc1, random
+  erasing 0.25, RandomResizedCrop(0.08, 1), no flip on SSv2, repeated augmentation 2;
+  blr 1e-3 (S) / 5e-4 (B); SSv2 40 / 30 epochs, K400 150 / 90 epochs; test views 2 clips
+  x 3 crops (SSv2) or 5 x 3 (K400), softmax averaged. Global batch 384 (amd_jax's choice;
+  the lr follows it per 256).
+  """
+  r = VIDEO_FINETUNE[(variant, dataset)]
+  ds = VIDEO_DATASETS[dataset]
+  c = with_method_fields(config_base.base_config(), "finetune")
+  c.data.update(source="video_list", modality="video", image_size=224, channels=3, num_frames=16,
+                sampling_rate=ds["sampling_rate"], mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                hflip=dataset != "ssv2", num_workers=32, num_classes=ds["num_classes"], split="train",
+                eval_split="test", train_crop="rrc", crop_scale_min=0.08, crop_scale_max=1.0,
+                randaugment="rand-m7-n4-mstd0.5-inc1", random_erase=0.25, repeated_aug=2,
+                test_num_clips=r["clips"], test_num_crops=3)
+  video_model(c.model, variant)
+  _finetune_common(c, base_lr=r["base_lr"], layer_decay=0.75, epochs=r["epochs"], batch_size=384)
+  c.eval.batch_size = 64   # each example carries clips x crops views
+  return c
+
+
+def g2sd_specific_image(variant: str):
+  """G2SD specific distillation on ImageNet-1k (pengzhiliang/G2SD, SD scripts).
+
+  Student with a distillation token and head, teacher an MAE ViT-B/16 FINE-TUNED on
+  ImageNet (mean pooling + fc_norm) fed the same mixed batch; hard distillation (CE to
+  the teacher's argmax) weighted 0.5 / 0.5; both heads averaged at test time. 200 epochs,
+  batch 1024, lr 4e-3, layer decay 0.75, mixup 0.8, cutmix 1.0, smoothing 0.1, random
+  erasing 0.25, RandAugment m9-mstd0.5-inc1. Set --config.teacher.checkpoint (the
+  fine-tuned teacher: a finetune workdir or .pth) and --config.finetune.init (the
+  G2SD generic-distillation workdir).
+  """
+  c = finetune_image(variant, method="g2sd_sd")
+  c.model.num_heads = G2SD_STUDENTS[variant]["num_heads"]
+  _mae_teacher(c.teacher.model, "B")
+  c.teacher.pool = "mean"
+  c.distill.update(kind="hard", alpha=0.5, temperature=1.0)
+  _finetune_common(c, base_lr=5e-4, layer_decay=0.75, epochs=200.0, batch_size=1024)
+  c.optim.lr = 4e-3
+  return c
+
+
+def shrink_finetune_for_local_run(c):
+  """`:runlocal` for fine-tuning recipes: tiny synthetic data and model, from scratch, a few steps."""
+  shrink_for_local_run(c)
+  c.model.update(width=0, depth=0, num_heads=0)
+  c.data.update(num_classes=4, repeated_aug=1, test_num_clips=1, test_num_crops=1)
+  c.finetune.init = ""
+  c.eval.update(every_steps=0, batch_size=0)
+  if "teacher" in c:
+    c.teacher.model.update(width=0, depth=0, num_heads=0)
+    c.teacher.checkpoint = "random"
+  return c

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+from amd_jax import progress
 from amd_jax.convert import mapping
 
 PARAMS_FILE = "params.npz"
@@ -113,7 +114,9 @@ def cmd_to_flax(args) -> int:
   for path in (out_params, out_report):
     if os.path.exists(path) and not args.overwrite:
       raise UsageError(f"{path} exists; nothing was written (use --overwrite or another --output)")
+  stages = progress.Stages(("reading", "converting", "writing"), desc="to_flax")
   state_dict, info = torch_io.read_state_dict(args.input)
+  stages.done()
   layout = args.layout
   if layout == "auto":
     layout = mapping.detect_layout(state_dict)
@@ -121,6 +124,7 @@ def cmd_to_flax(args) -> int:
   arch = _arch(args, layout, args.final_norm)
   parts = tuple(args.parts.split(",")) if args.parts else None
   params, report = mapping.torch_to_flax(state_dict, arch, layout, parts=parts, scan=args.scan, strict=args.strict)
+  stages.done()
   if info["wrapper"]:
     report.notes.insert(0, f"weights read from the {info['wrapper']!r} entry of the checkpoint")
   meta = {"source": os.path.abspath(args.input), "layout": layout, "arch": arch.describe(), "scan": args.scan,
@@ -131,6 +135,7 @@ def cmd_to_flax(args) -> int:
   with open(tmp, "w") as f:
     json.dump({**meta, "report": report.to_dict()}, f, indent=2)
   os.replace(tmp, out_report)
+  stages.done()
   print(report.summary())
   print(f"wrote {out_params} and {out_report}")
   return 0
@@ -142,6 +147,7 @@ def cmd_to_torch(args) -> int:
     raise UsageError("give exactly one of --workdir (an amd_jax run) and --params (an .npz from to_flax)")
   if os.path.exists(args.output) and not args.overwrite:
     raise UsageError(f"{args.output} exists; nothing was written (use --overwrite or another --output)")
+  stages = progress.Stages(("reading", "writing"), desc="to_torch")
   run_config = None
   if args.workdir:
     from amd_jax.train.checkpoint import load_params  # pylint: disable=g-import-not-at-top
@@ -166,8 +172,10 @@ def cmd_to_torch(args) -> int:
   if args.include_decoder:
     parts.append("decoder")
   prefix = None if args.encoder_prefix == "auto" else args.encoder_prefix
+  stages.done()
   state_dict = export_torch(params, args.output, arch, layout, parts=parts, wrap=args.wrap, encoder_prefix=prefix,
                             overwrite=args.overwrite)
+  stages.done()
   print(f"layout {layout}; width {arch.width}, depth {arch.depth}, heads {arch.num_heads}; parts {', '.join(parts)}")
   print(f"wrote {len(state_dict)} tensors to {args.output}"
         + (f" under {args.wrap!r}" if args.wrap and not args.output.endswith(".safetensors") else ""))

@@ -4,7 +4,8 @@ Training stream (one per process):
 
   source -> seed(seed) -> shuffle -> repeat (forever) -> random_map(augment)
          -> [process_index::process_count] -> to_iter_dataset -> batch
-         -> normalise -> mp_prefetch(num_workers) | thread prefetch
+         -> [merge repeated copies] -> normalise -> [random erasing]
+         -> mp_prefetch(num_workers) | thread prefetch
 
 * grain's shuffle folds the epoch number into its seed, so every epoch has a new
   order that is still a pure function of `seed`.
@@ -17,12 +18,23 @@ Training stream (one per process):
   to resume the stream bit-exactly.
 * Images stay uint8 until a batch is complete; normalisation is one vectorised
   pass per batch.
+* Fine-tuning augmentation (amd_jax/data/augment.py, off by default):
+  RandAugment runs in the element transform after the crop and flip. Random
+  erasing works on normalised pixels, so the element transform only draws the
+  rectangle (and a noise seed) and the batch transform after normalisation
+  fills it. With config.data.repeated_aug = r, one element holds r
+  independently augmented copies of one example (a video is decoded once: the
+  copies share their temporal position, as VideoMAE's repeated augmentation);
+  the batch holds per-process batch / r elements whose copies are then laid
+  out consecutively, so a batch of B rows holds B / r distinct examples and the
+  copies never straddle processes.
 
 Evaluation stream: one ordered pass over the split (or its first max_examples),
 split across processes, the last batch padded to full size with a 'mask' field
 (True = real example) and 'index' (the example's index in the source, -1 for
 padding). Every process yields the same number of batches, as a multi-host
-jitted step requires.
+jitted step requires. A multi-view video test (test_num_clips x test_num_crops
+> 1) gives each example V = clips x crops views: 'video' [b, V, T, H, W, C].
 """
 from __future__ import annotations
 
@@ -34,6 +46,7 @@ import grain
 import numpy as np
 
 from amd_jax.config_base import parse_floats
+from amd_jax.data import augment
 from amd_jax.data import sources
 from amd_jax.data import transforms
 
@@ -46,6 +59,10 @@ _MAX_READ_THREADS = 16
 # per-element work is ~30 us of Python, and reader threads only fight over the
 # GIL (Fashion-MNIST at 32 px, 2 cores: ~10,700 img/s with none, ~3,000 with 16).
 _IN_MEMORY_SOURCES = ("fashion_mnist", "synthetic")
+TRAIN_CROPS = ("default", "rrc")
+# Batch field carrying each example's erasing rectangle from the element
+# transform to the batch transform that applies it (removed there).
+_ERASE_KEY = "erase_params"
 
 
 # --------------------------------------------------------------- validation
@@ -103,6 +120,7 @@ def _check_fields(c) -> None:
   if not scales or not all(0 < s <= 1 for s in scales):
     _fail("multiscale_scales", c.multiscale_scales,
           "expected comma-separated scales in (0, 1], e.g. '1,0.875,0.75,0.66'")
+  _check_finetune_fields(c)
   if c.num_workers < 0:
     _fail("num_workers", c.num_workers, "expected >= 0 (0: no worker processes)")
   if c.prefetch < 0:
@@ -113,6 +131,28 @@ def _check_fields(c) -> None:
     _fail("synthetic_size", c.synthetic_size, "the synthetic source would be empty; expected >= 1")
   if c.source == "video_list" and c.video_root and not os.path.isdir(c.video_root):
     _fail("video_root", c.video_root, "not an existing directory")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_finetune_fields(c) -> None:
+  """The fine-tuning augmentation and multi-view test fields."""
+  if c.train_crop not in TRAIN_CROPS:
+    _fail("train_crop", c.train_crop, f"allowed: {list(TRAIN_CROPS)}")
+  augment.parse_randaugment(c.randaugment)  # raises naming config.data.randaugment
+  erase = c.random_erase
+  if not isinstance(erase, (int, float)) or isinstance(erase, bool) or not 0 <= erase <= 1:
+    _fail("random_erase", c.random_erase, "expected a probability in [0, 1] (0: off)")
+  if not _is_int(c.repeated_aug) or c.repeated_aug < 1:
+    _fail("repeated_aug", c.repeated_aug, "expected an integer >= 1 (1: off)")
+  for field in ("test_num_clips", "test_num_crops"):
+    if not _is_int(c[field]) or c[field] < 1:
+      _fail(field, c[field], "expected an integer >= 1")
+    if c[field] > 1 and c.modality != "video":
+      _fail(field, c[field], f"multi-view evaluation is for videos; config.data.modality="
+            f"{c.modality!r} needs 1")
 
 
 def _check_first_video(c, split: str, field: str) -> None:
@@ -166,38 +206,83 @@ def data_key(data_cfg) -> str:
   return "video" if data_cfg.modality == "video" else "image"
 
 
-class TrainImage:
-  """random_map transform: random resized crop + flip of element['image']."""
+class _TrainTransform:
+  """What the image and clip transforms share: RandAugment, erasing rectangles, copies."""
+
+  key = "image"
 
   def __init__(self, data_cfg):
     self.size = data_cfg.image_size
     self.scale = (float(data_cfg.crop_scale_min), float(data_cfg.crop_scale_max))
     self.hflip = bool(data_cfg.hflip)
+    self.randaugment = augment.parse_randaugment(data_cfg.randaugment)
+    self.fill = augment.fill_colour(parse_floats(data_cfg.mean))
+    self.erase_prob = float(data_cfg.random_erase)
+    self.copies = int(data_cfg.repeated_aug)
+
+  def augment_pixels(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One augmented uint8 copy (crop, flip, RandAugment); defined by the subclasses."""
+    raise NotImplementedError
+
+  def _one_copy(self, pixels, label, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    out = self.augment_pixels(pixels, rng)
+    example = {self.key: out, "label": label}
+    # Drawn only when erasing is on, so that pre-training streams are unchanged.
+    if self.erase_prob > 0:
+      example[_ERASE_KEY] = augment.sample_erase(out.shape[-3], out.shape[-2], self.erase_prob, rng)
+    return example
+
+  def examples(self, pixels, label, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One augmented example, or with repeated_aug = r > 1 r of them stacked on a new axis 0."""
+    if self.copies == 1:
+      return self._one_copy(pixels, label, rng)
+    copies = [self._one_copy(pixels, label, rng) for _ in range(self.copies)]
+    return {k: np.stack([c[k] for c in copies]) for k in copies[0]}
+
+
+class TrainImage(_TrainTransform):
+  """random_map transform: random resized crop + flip of element['image'], then RandAugment."""
+
+  def augment_pixels(self, image, rng):
+    image = transforms.train_image(image, rng, size=self.size, scale=self.scale, hflip=self.hflip)
+    if self.randaugment:
+      image = augment.rand_augment_image(image, self.randaugment, rng, self.fill)
+    return image
 
   def __call__(self, element, rng: np.random.Generator):
-    image = transforms.train_image(element["image"], rng, size=self.size, scale=self.scale,
-                                   hflip=self.hflip)
-    return {"image": image, "label": element["label"]}
+    return self.examples(element["image"], element["label"], rng)
 
 
-class TrainClip:
-  """random_map transform from a source index: random temporal clip, multi-scale crop, flip.
+class TrainClip(_TrainTransform):
+  """random_map transform from a source index: random temporal clip, crop, flip, RandAugment.
 
-  It reads from the source itself (rather than transforming what an upstream
-  source op read) because the clip's temporal position is random too.
+  The crop is VideoMAE's multi-scale crop (train_crop='default') or a random
+  resized crop (train_crop='rrc'). It reads from the source itself (rather
+  than transforming what an upstream source op read) because the clip's
+  temporal position is random too.
   """
 
+  key = "video"
+
   def __init__(self, source, data_cfg):
+    super().__init__(data_cfg)
     self.source = source
-    self.size = data_cfg.image_size
     self.scales = parse_floats(data_cfg.multiscale_scales)
-    self.hflip = bool(data_cfg.hflip)
+    self.crop = data_cfg.train_crop
+
+  def augment_pixels(self, clip, rng):
+    if self.crop == "rrc":
+      clip = augment.random_resized_crop_clip(clip, rng, size=self.size, scale=self.scale,
+                                              hflip=self.hflip)
+    else:
+      clip = transforms.train_clip(clip, rng, size=self.size, scales=self.scales, hflip=self.hflip)
+    if self.randaugment:
+      clip = augment.rand_augment_clip(clip, self.randaugment, rng, self.fill)
+    return clip
 
   def __call__(self, index, rng: np.random.Generator):
     element = self.source.read(int(index), rng)
-    clip = transforms.train_clip(element["video"], rng, size=self.size, scales=self.scales,
-                                 hflip=self.hflip)
-    return {"video": clip, "label": element["label"]}
+    return self.examples(element["video"], element["label"], rng)
 
 
 class EvalView:
@@ -213,6 +298,36 @@ class EvalView:
             "mask": np.bool_(True), "index": np.int32(index)}
 
 
+class EvalClipViews:
+  """map transform from a source index: the test_num_clips x test_num_crops views of a video."""
+
+  def __init__(self, source, data_cfg):
+    self.source = source
+    self.size = data_cfg.image_size
+    self.num_clips = data_cfg.test_num_clips
+    self.num_crops = data_cfg.test_num_crops
+
+  def __call__(self, index):
+    element = self.source.read_views(int(index), self.num_clips)
+    views = augment.eval_views(element["video"], size=self.size, num_crops=self.num_crops)
+    return {"video": views, "label": element["label"], "mask": np.bool_(True),
+            "index": np.int32(index)}
+
+
+def num_eval_views(data_cfg) -> int:
+  """Views per eval example: test_num_clips x test_num_crops for videos, else 1."""
+  if data_cfg.modality != "video":
+    return 1
+  return int(data_cfg.test_num_clips) * int(data_cfg.test_num_crops)
+
+
+class MergeCopies:
+  """Batch transform: [b, r, ...] repeated-augmentation copies -> [b * r, ...], copies adjacent."""
+
+  def __call__(self, batch):
+    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+
+
 class Normalize:
   """Batch transform: uint8 pixels -> float32 (x / 255 - mean) / std."""
 
@@ -225,12 +340,30 @@ class Normalize:
     return {**batch, self.key: transforms.normalize(batch[self.key], self.mean, self.std)}
 
 
+class RandomErase:
+  """Batch transform after Normalize: erases each example's drawn rectangle, drops its field."""
+
+  def __init__(self, data_cfg):
+    self.key = data_key(data_cfg)
+
+  def __call__(self, batch):
+    batch = dict(batch)
+    params = batch.pop(_ERASE_KEY)
+    pixels = batch[self.key]  # a fresh array from Normalize: safe to write
+    for example, rectangle in zip(pixels, params):
+      augment.erase_in_place(example, rectangle)
+    return batch
+
+
 def padding_example(data_cfg) -> dict[str, np.ndarray]:
   """The filler of a padded eval batch: zero pixels, label -1, mask False."""
   size, channels = data_cfg.image_size, data_cfg.channels
   shape = (size, size, channels)
   if data_cfg.modality == "video":
     shape = (data_cfg.num_frames,) + shape
+  views = num_eval_views(data_cfg)
+  if views > 1:
+    shape = (views,) + shape
   return {data_key(data_cfg): np.zeros(shape, np.uint8), "label": np.int32(-1),
           "mask": np.bool_(False), "index": np.int32(-1)}
 
@@ -279,19 +412,59 @@ def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
+class GlobalBatchRows(grain.MapDataset):
+  """One process's share of a stream cut into global batches: element i is row rows[i % k] of
+  global batch i // k (k = len(rows)). Every process count then sees the same global batches."""
+
+  def __init__(self, parent: grain.MapDataset, global_size: int, rows):
+    super().__init__(parent)
+    self._global_size, self._rows = int(global_size), tuple(int(r) for r in rows)
+
+  def __len__(self) -> int:
+    return len(self._parents[0]) // self._global_size * len(self._rows)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, len(self._rows))
+    return self._parents[0][batch * self._global_size + self._rows[row]]
+
+
+def _element_rows(rows, global_batch_size: int, copies: int, process_index: int, batch_size: int):
+  """Element positions in a global batch of elements (an element holds `copies` consecutive rows)."""
+  if rows is None:
+    rows = range(process_index * batch_size, (process_index + 1) * batch_size)
+  rows = tuple(rows)
+  starts = rows[::copies]
+  if (len(rows) != batch_size or any(not 0 <= r < global_batch_size for r in rows)
+      or any(s % copies or rows[i * copies:(i + 1) * copies] != tuple(range(s, s + copies))
+             for i, s in enumerate(starts))):
+    raise ValueError(f"rows={rows} must be {batch_size} ascending rows of the global batch of {global_batch_size}, "
+                     f"in aligned groups of repeated_aug={copies}.")
+  return tuple(s // copies for s in starts)
+
+
 def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
-                       process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                       process_index: int = 0, process_count: int = 1, rows=None) -> grain.IterDataset:
   """Infinite shuffled, augmented, normalised stream of per-process batches.
 
   Batches hold global_batch_size // process_count examples:
   images {'image': float32 [b, H, W, C], 'label': int32 [b]},
   videos {'video': float32 [b, T, H, W, C], 'label': int32 [b]}.
+  With repeated_aug = r, rows r*i .. r*i + r - 1 are copies of one example.
+  The process loads `rows` of each global batch (ascending; default the
+  process_index-th contiguous block): sharding.process_batch_rows gives the rows
+  its devices hold, so the global batch is the same for any number of processes.
   iter(dataset) is a grain DatasetIterator: save get_state() with the
   checkpoint and set_state() it on resume to continue the same stream.
   """
   _check_process(process_index, process_count)
   batch_size = per_process_batch_size(global_batch_size, process_count)
   validate_data_config(data_cfg, splits=(data_cfg.split,))
+  copies = data_cfg.repeated_aug
+  if batch_size % copies:
+    _fail("repeated_aug", copies, f"the per-process batch (config.batch_size={global_batch_size} / "
+          f"{process_count} process(es) = {batch_size}) must be a multiple of it")
   source = sources.make_source(data_cfg, data_cfg.split)
   if data_cfg.modality == "video":
     ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
@@ -299,10 +472,16 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
   else:
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     ds = ds.random_map(TrainImage(data_cfg))
-  ds = ds[process_index::process_count]
-  ds = ds.to_iter_dataset(_read_options(data_cfg, batch_size * max(1, data_cfg.prefetch)))
-  ds = ds.batch(batch_size, drop_remainder=True)
+  elements = batch_size // copies  # an element holds all copies of one example
+  ds = GlobalBatchRows(ds, global_batch_size // copies,
+                       _element_rows(rows, global_batch_size, copies, process_index, batch_size))
+  ds = ds.to_iter_dataset(_read_options(data_cfg, elements * max(1, data_cfg.prefetch)))
+  ds = ds.batch(elements, drop_remainder=True)
+  if copies > 1:
+    ds = ds.map(MergeCopies())
   ds = ds.map(Normalize(data_cfg))
+  if data_cfg.random_erase > 0:
+    ds = ds.map(RandomErase(data_cfg))
   return _prefetch(ds, data_cfg)
 
 
@@ -317,14 +496,19 @@ def make_eval_dataset(data_cfg, *, split: str, batch_size: int, process_index: i
 
   Process p gets examples p, p + process_count, ...; batches carry 'mask'
   (bool, True = real) and 'index' (int32 source index, -1 = padding) besides
-  the pixels and 'label' (-1 for padding).
+  the pixels and 'label' (-1 for padding). With num_eval_views(data_cfg) = V
+  > 1 (videos), 'video' is [b, V, T, H, W, C]: view c * test_num_crops + k is
+  temporal clip c at spatial crop k.
   """
   _check_process(process_index, process_count)
   if batch_size < 1:
     raise ValueError(f"eval batch_size={batch_size} must be >= 1.")
   source = sources.make_source(data_cfg, split, _split_field(data_cfg, split))
   num = len(source) if max_examples <= 0 else min(max_examples, len(source))
-  ds = grain.MapDataset.source(source)[:num].map_with_index(EvalView(data_cfg))
+  if num_eval_views(data_cfg) > 1:
+    ds = grain.MapDataset.range(num).map(EvalClipViews(source, data_cfg))
+  else:
+    ds = grain.MapDataset.source(source)[:num].map_with_index(EvalView(data_cfg))
   ds = ds[process_index::process_count]
   padded = eval_batches_per_process(num, batch_size, process_count) * batch_size
   if padded > len(ds):

@@ -4,7 +4,9 @@ Each source has `__len__` and `__getitem__(index)`, returning a dict of numpy
 values: {'image': uint8 [H, W, C], 'label': int32} for images, or
 {'video': uint8 [T, H, W, C], 'label': int32} for videos (the centred clip;
 video sources also have `read(index, rng)` for a randomly placed clip, since
-the temporal position is part of the augmentation). Sources are chosen by
+the temporal position is part of the augmentation, and `read_views(index,
+num_clips)` for the [num_clips, T, H, W, C] clips of a multi-clip test, evenly
+spaced in time). Sources are chosen by
 config.data.source:
 
   fashion_mnist  path: folder of the original idx .gz files ('' = the Debian
@@ -390,6 +392,13 @@ class VideoListSource:
     """Clip at a random position (rng given) or centred (rng None); bad files skipped."""
     return read_with_fallback(len(self), index, lambda i: self._read(i, rng), self._paths.__getitem__)
 
+  def read_views(self, index: int, num_clips: int) -> dict[str, np.ndarray]:
+    """num_clips clips evenly spaced in time, [num_clips, T, H, W, C]; bad files skipped."""
+    def read(i: int) -> dict[str, np.ndarray]:
+      clips = video_lib.read_clips(self._paths[i], self._num_frames, self._stride, num_clips)
+      return _example("video", transforms.match_channels(clips, self._channels), self._labels[i])
+    return read_with_fallback(len(self), index, read, self._paths.__getitem__)
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return self.read(index, None)
 
@@ -422,6 +431,11 @@ class SyntheticSource:
   def read(self, index: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
     del rng  # a synthetic clip has no temporal position to choose
     return self[index]
+
+  def read_views(self, index: int, num_clips: int) -> dict[str, np.ndarray]:
+    """The clip repeated num_clips times: a synthetic video is exactly one clip long."""
+    element = self[index]
+    return _example("video", np.stack([element["video"]] * num_clips), element["label"])
 
 
 # ------------------------------------------------------------------ factory

@@ -3,7 +3,8 @@
 A clip is `num_frames` frames taken `stride` (config.data.sampling_rate) frames
 apart, i.e. it spans `(num_frames - 1) * stride + 1` frames of the video.
 
-Training clips start at a uniformly random frame; evaluation clips are centred.
+Training clips start at a uniformly random frame; evaluation clips are centred,
+or, for a multi-clip test, spread evenly from the first frame to the last.
 When a video is shorter than the span, the indices that run past the end are
 CLAMPED to the last frame (the last frame repeats), as VideoMAE's loaders do,
 rather than looping back to the start: looping would put a temporal jump inside
@@ -16,6 +17,8 @@ seconds); only the needed frames are converted to RGB arrays, which is the
 expensive part.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import av
 import numpy as np
@@ -43,6 +46,18 @@ def random_start(video_length: int, num_frames: int, stride: int, rng: np.random
 def centre_start(video_length: int, num_frames: int, stride: int) -> int:
   """Start that centres the clip in the video; 0 when the video is too short."""
   return max(0, (video_length - clip_span(num_frames, stride)) // 2)
+
+
+def spaced_starts(video_length: int, num_frames: int, stride: int, num_clips: int) -> list[int]:
+  """Starts of num_clips test clips, evenly spaced from the first to the last possible start.
+
+  One clip is centred (`centre_start`); several span the video as VideoMAE's
+  multi-clip test does. A video shorter than a clip gives every clip start 0.
+  """
+  if num_clips == 1:
+    return [centre_start(video_length, num_frames, stride)]
+  room = max(0, video_length - clip_span(num_frames, stride))
+  return [int(k * room / (num_clips - 1)) for k in range(num_clips)]
 
 
 def sample_indices(video_length: int, num_frames: int, stride: int,
@@ -100,6 +115,22 @@ def decode_frames(container, stream, indices: np.ndarray) -> np.ndarray:
   return np.stack([frames[int(i)] for i in indices])
 
 
+def _read_frames(path: str, indices_for: Callable[[int], np.ndarray]) -> np.ndarray:
+  """Decodes the frames indices_for(video length) of a file: uint8 [len(indices), H, W, 3]."""
+  with av.open(path) as container:
+    if not container.streams.video:
+      raise ValueError("file has no video stream")
+    stream = container.streams.video[0]
+    length = _stream_length(stream)
+    if length > 0:
+      return decode_frames(container, stream, indices_for(length))
+    # No usable metadata: decode everything once, then sample from what is there.
+    frames = _decode_all(container, stream)
+    if not frames:
+      raise ValueError("no decodable video frames")
+    return np.stack([frames[i] for i in indices_for(len(frames))])
+
+
 def read_clip(path: str, num_frames: int, stride: int,
               rng: np.random.Generator | None = None) -> np.ndarray:
   """Reads one clip from a video file: uint8 [num_frames, H, W, 3].
@@ -108,16 +139,16 @@ def read_clip(path: str, num_frames: int, stride: int,
   Raises on unreadable files (av.FFmpegError, OSError, ValueError); the caller
   decides whether to skip.
   """
-  with av.open(path) as container:
-    if not container.streams.video:
-      raise ValueError("file has no video stream")
-    stream = container.streams.video[0]
-    length = _stream_length(stream)
-    if length > 0:
-      return decode_frames(container, stream, sample_indices(length, num_frames, stride, rng))
-    # No usable metadata: decode everything once, then sample from what is there.
-    frames = _decode_all(container, stream)
-    if not frames:
-      raise ValueError("no decodable video frames")
-    idx = sample_indices(len(frames), num_frames, stride, rng)
-    return np.stack([frames[i] for i in idx])
+  return _read_frames(path, lambda length: sample_indices(length, num_frames, stride, rng))
+
+
+def read_clips(path: str, num_frames: int, stride: int, num_clips: int) -> np.ndarray:
+  """The num_clips test clips of `spaced_starts`: uint8 [num_clips, num_frames, H, W, 3].
+
+  The file is decoded once for all clips. Raises like `read_clip`.
+  """
+  def indices_for(length: int) -> np.ndarray:
+    starts = spaced_starts(length, num_frames, stride, num_clips)
+    return np.concatenate([clip_indices(length, num_frames, stride, s) for s in starts])
+  frames = _read_frames(path, indices_for)
+  return frames.reshape((num_clips, num_frames) + frames.shape[1:])

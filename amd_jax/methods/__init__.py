@@ -15,6 +15,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "dmae": ("amd_jax.methods.dmae", "DMAE"),
     "tinymim": ("amd_jax.methods.tinymim", "TinyMIM"),
     "g2sd": ("amd_jax.methods.g2sd", "G2SD"),
+    "finetune": ("amd_jax.methods.finetune", "Finetune"),
+    "g2sd_sd": ("amd_jax.methods.finetune", "SpecificDistillation"),
 }
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from amd_jax import config_base, losses, masking
+from amd_jax import config_base, losses, masking, targets
 from amd_jax.methods.mae import MAE
 from amd_jax.models import flops, vit
 from amd_jax.models.decoders import MaskedTokenDecoder
@@ -222,6 +222,18 @@ class AMD(MAE):
     total = a.factor_rec * loss_rec + a.factor_dir * loss_dir + a.factor_gen * loss_gen
     metrics.update(loss_rec=loss_rec, loss_dir=loss_dir, loss_gen=loss_gen)
     return total, metrics
+
+  def reconstruct(self, params, batch, rng):
+    """MAE's pictures under one nested mask, plus what the teacher saw ('teacher_visible', '_mask')."""
+    x = batch[self.input_key()]
+    nm = self.nested_mask(rng, x)
+    out = self.pictures(params, x, nm.student_mask(), rng)
+    m = self.config.model
+    tub = m.tubelet_size if x.ndim == 5 else 0
+    view, shown = self.masked_view(targets.patchify(x, m.patch_size, tub), nm.teacher)
+    unpatch = lambda t: targets.unpatchify(t, self.grid(x).shape, m.patch_size, x.shape[-1], tub)
+    out.update(teacher_visible=unpatch(view), teacher_visible_mask=unpatch(shown))
+    return out
 
   def flops_per_example(self, example_batch):
     x = example_batch[self.input_key()]

@@ -7,6 +7,8 @@ The loop knows a method only through this interface:
                                                           architecture the loaded weights must fit)
   features(params, batch) -> [B, D] frozen features      (linear probe / kNN)
   reconstruct(params, batch, rng) -> dict of images      (pictures; optional)
+  predict(params, batch) -> logits [B, C]                (classifiers only: is_classifier = True)
+  layer_scales(params), load_pretrained(params)          (fine-tuning: layer decay, pre-trained init)
 """
 from __future__ import annotations
 
@@ -54,6 +56,23 @@ class Method(abc.ABC):
 
   def input_key(self) -> str:
     return "video" if self.config.data.modality == "video" else "image"
+
+  # Classifiers (fine-tuning) answer `predict(params, batch) -> logits [B, C]`; the loop then
+  # evaluates top-1/top-5 on config.data.eval_split.
+  is_classifier: bool = False
+
+  def predict(self, params: Params, batch: dict) -> jax.Array:
+    raise NotImplementedError(f"{type(self).__name__} is not a classifier")
+
+  def layer_scales(self, params: Params):
+    """Per-parameter lr multipliers (layer-wise lr decay) for the optimizer, or None."""
+    del params
+    return None
+
+  def load_pretrained(self, params: Params):
+    """Freshly initialised `params` with pre-trained weights put in (host arrays), or None."""
+    del params
+    return None
 
   def flops_per_example(self, example_batch: dict) -> dict[str, float]:
     """Analytic matmul FLOPs per example: {'student': fwd, 'teacher': fwd}. Used for MFU."""

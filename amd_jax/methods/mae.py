@@ -94,8 +94,13 @@ class MAE(Method):
   def reconstruct(self, params, batch, rng):
     """Pictures for humans: input, the visible patches, and the reconstruction (visible pasted back)."""
     x = batch[self.input_key()]
-    g = self.grid(x)
     mask = masking.random_mask(rng, x.shape[0], self.mask_spec(x), self.config.mask.ratio)
+    return self.pictures(params, x, mask, rng)
+
+  def pictures(self, params, x, mask: masking.Mask, rng):
+    """reconstruct() under a given mask: {'input', 'visible', 'visible_mask', 'reconstruction'}, each shaped
+    like x ('visible_mask' is 1 on visible pixels, 0 on hidden ones, for greying out the hidden patches)."""
+    g = self.grid(x)
     pred, _, _ = self.reconstruction(params, x, mask, rng, train=False)
     m = self.config.model
     tub = m.tubelet_size if x.ndim == 5 else 0
@@ -104,9 +109,18 @@ class MAE(Method):
       pred = self._denormalize(pred, x, mask)
     visible = masking.gather_tokens(patches, mask.keep)
     recon = masking.ungather_tokens([visible, pred], [mask.keep, mask.masked])
-    masked_view = masking.ungather_tokens([visible, jnp.zeros_like(pred)], [mask.keep, mask.masked])
     unpatch = lambda t: targets.unpatchify(t, g.shape, m.patch_size, x.shape[-1], tub)
-    return {"input": x, "visible": unpatch(masked_view), "reconstruction": unpatch(recon)}
+    masked_view, shown = self.masked_view(patches, mask.keep)
+    return {"input": x, "visible": unpatch(masked_view), "visible_mask": unpatch(shown),
+            "reconstruction": unpatch(recon)}
+
+  @staticmethod
+  def masked_view(patches, keep):
+    """(patches with zeros outside `keep`, 1/0 indicator of the kept patches), both [B, N, P]."""
+    tokens = jnp.arange(patches.shape[1])
+    shown = jnp.any(tokens[None, :, None] == keep[:, None, :], axis=-1).astype(patches.dtype)  # [B, N]
+    shown = jnp.broadcast_to(shown[..., None], patches.shape)
+    return patches * shown, shown
 
   def _denormalize(self, pred, x, mask: masking.Mask):
     """Predicted normalised patches -> patches in the input's (normalised) pixel space."""

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amd_jax.models import posemb
+from amd_jax.models import logical, posemb
 
 # (width, depth, heads). Heads are explicit: the MAE-family repositories disagree
 # on ViT-Ti's head count (3 in DeiT/MAE, 12 in MAE-lite), and attention or
@@ -59,9 +59,15 @@ def resolve_variant(variant: str, width: int = 0, depth: int = 0, num_heads: int
   return (width or w, depth or d, num_heads or h)
 
 
+_SQRT_HALF = float(np.sqrt(0.5))
+
+
 def gelu_exact(x):
   # The official models use nn.GELU() (erf form), not the tanh approximation.
-  return nn.gelu(x, approximate=False)
+  # Written with erf, as PyTorch computes it, rather than jax.nn.gelu's erfc: XLA
+  # expands erfc into two branches with an exp each, which made the forward GELU
+  # ~5x slower on CPU. Both are exact GELU to float32 rounding (~1e-6 absolute).
+  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
 
 
 class Attention(nn.Module):
@@ -89,6 +95,7 @@ class Attention(nn.Module):
       qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh]
+    q, k, v = (logical.constrain(t, logical.HEADS) for t in (q, k, v))
     internals = {}
     if self.return_internals:
       logits = jnp.einsum("bqhd,bkhd->bhqk", q * (head_dim**-0.5), k)
@@ -99,7 +106,7 @@ class Attention(nn.Module):
     else:
       # XLA picks the fused kernel (cuDNN flash attention on GPUs where it applies).
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
-    out = out.reshape(b, n, self.width)
+    out = logical.constrain(out, logical.HEADS).reshape(b, n, self.width)
     out = nn.Dense(self.width, kernel_init=dense_init, dtype=self.dtype, name="proj")(out)
     return out, internals
 
@@ -112,7 +119,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     width = x.shape[-1]
     x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
-    x = gelu_exact(x)
+    x = logical.constrain(gelu_exact(x), logical.MLP_HIDDEN)
     return nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
 
 
@@ -143,6 +150,7 @@ class Block(nn.Module):
     # Unscanned stacks give each block its static rate; a scanned stack passes
     # the per-layer rate in as a traced scalar.
     drop_rate = self.drop_path_rate if drop_rate is None else drop_rate
+    x = logical.constrain(x, logical.TOKENS)   # the residual stream between blocks
     norm = functools.partial(nn.LayerNorm, epsilon=LN_EPS, dtype=jnp.float32)
     rng_fn = lambda: self.make_rng("dropout")
     normed = norm(name="norm1")(x)
@@ -247,6 +255,7 @@ class Encoder(nn.Module):
   last_block_mlp: bool = True          # False: the last block skips its MLP branch (TinyMIM features)
   drop_path_rates: tuple[float, ...] = ()  # explicit per-block rates (len == depth); () = linear 0 -> drop_path
   attention: str = "xla"               # xla | cudnn: jax.nn.dot_product_attention implementation
+  dist_token: bool = False             # DeiT/G2SD distillation token, right after cls (needs cls_token)
 
   def _check_layers(self):
     for name, layers in (("block_layers", self.block_layers), ("attn_layers", self.attn_layers),
@@ -282,7 +291,13 @@ class Encoder(nn.Module):
       cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
       # The cls row of MAE's table is zeros, so cls + pos = cls.
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
-    return x
+    if self.dist_token:
+      if not self.cls_token:
+        raise ValueError("dist_token=True needs cls_token=True: the distillation token follows the cls token")
+      # Added after the position embeddings, as DeiT does: it has no position of its own.
+      dist = self.param("dist_token", nn.initializers.truncated_normal(0.02), (1, 1, self.width))
+      x = jnp.concatenate([x[:, :1], jnp.broadcast_to(dist, (x.shape[0], 1, self.width)), x[:, 1:]], axis=1)
+    return logical.constrain(x, logical.TOKENS)
 
   @nn.compact
   def __call__(self, inputs, keep=None, *, train: bool = False):

@@ -5,10 +5,17 @@ save call (not later, in a background thread), so a restored run continues with
 exactly the batches the interrupted run would have seen. Orbax writes each step
 into a temporary directory and renames it when complete, so a save killed
 halfway never looks like a checkpoint.
+
+Resuming trusts a step only if its commit marker is there and it restores; an
+unreadable latest step (truncated or missing files, a partial copy) is reported
+and the previous one is tried, and so on. The steps passed over are moved, as
+they are, to WORKDIR/unreadable_checkpoints/ (never deleted): orbax would
+otherwise refuse to save those step numbers again.
 """
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -16,6 +23,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 CHECKPOINT_DIR = "checkpoints"
+UNREADABLE_DIR = "unreadable_checkpoints"
+COMMIT_MARKER = "commit_success.txt"   # written by orbax into a step directory before it is renamed into place
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in the workdir can be restored."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -29,7 +42,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(every_steps, 1), max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "data"))
+    self.directory = checkpoint_dir(workdir)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+    self._last_saved: int | None = None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -38,10 +53,16 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, data_iterator=None, force: bool = False) -> bool:
+    """Start writing `step` (asynchronously); a step already saved is left alone."""
+    if step == self._last_saved or step in self.manager.all_steps():
+      return False
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = ocp.args.JsonSave(data_iterator.get_state())
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      self._last_saved = step
+    return saved
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restore into `abstract_state` (ShapeDtypeStructs with shardings); set the iterator's position."""
@@ -53,12 +74,66 @@ class Checkpointer:
       data_iterator.set_state(restored["data"])
     return restored["state"]
 
+  def restore_latest(self, abstract_state, data_iterator=None):
+    """(step, state) of the newest step that restores, trying older ones when a newer one fails.
+
+    Raises CheckpointError naming every step and its error when none restores
+    (then nothing is moved: the cause may be the config rather than the files).
+    """
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        if not os.path.exists(os.path.join(self.directory, str(step), COMMIT_MARKER)):
+          raise CheckpointError(f"no {COMMIT_MARKER}: the step was not completely written (or copied)")
+        state = self.restore(step, abstract_state, data_iterator)
+      except Exception as e:  # pylint: disable=broad-except
+        reason = _first_line(e)
+        logging.warning("checkpoint step %d in %s cannot be restored (%s); trying the previous one.",
+                        step, self.directory, reason)
+        failures.append((step, reason))
+        continue
+      if failures:
+        self._set_aside([s for s, _ in failures])
+      return step, state
+    listed = "\n".join(f"  step {s}: {r}" for s, r in failures)
+    raise CheckpointError(f"no checkpoint in {self.directory} can be restored (nothing was changed):\n{listed}\n"
+                          "If the config changed, run it in a new --workdir; otherwise move the damaged steps away.")
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Move unreadable steps out of orbax's sight, unchanged, so their step numbers can be saved again."""
+    target_root = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
+    if jax.process_index() == 0:
+      os.makedirs(target_root, exist_ok=True)
+      for step in steps:
+        target = os.path.join(target_root, str(step))
+        n = 1
+        while os.path.exists(target):
+          n += 1
+          target = os.path.join(target_root, f"{step}-{n}")
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        logging.warning("moved unreadable checkpoint step %d to %s (kept as it was).", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("amd_jax:set_aside_unreadable_checkpoints")
+    self.manager.reload()
+
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  """A short description of `error`: its root cause's first line (orbax wraps tensorstore errors
+  in a message that runs to pages)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = str(error).strip().splitlines()
+  text = text[0] if text else ""
+  text = f"{type(error).__name__}: {text}"
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_params(workdir: str, step: int | None = None, subtree: str = "params"):
@@ -69,12 +144,20 @@ def load_params(workdir: str, step: int | None = None, subtree: str = "params"):
   path = checkpoint_dir(workdir)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoints under {path!r}: is {workdir!r} the workdir of an amd_jax run?")
-  manager = ocp.CheckpointManager(path, item_names=("state", "data"),
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+  registry.add("data", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+  manager = ocp.CheckpointManager(path, handler_registry=registry,
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{path!r} holds no complete checkpoint")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  # Restore onto this process's first device whatever mesh and process count wrote the checkpoint:
+  # without a target, orbax insists on the saved topology.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        manager.item_metadata(step)["state"])
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   manager.close()
   state = restored["state"]
   logging.info("loaded %s from %s at step %d", subtree, path, step)
@@ -103,11 +186,11 @@ class TeacherMismatchError(ValueError):
   """The teacher checkpoint does not fit the configured teacher architecture."""
 
 
-def check_fit(expected, given, source: str, what: str = "teacher") -> None:
+def check_fit(expected, given, source: str, what: str = "teacher", field: str = "config.teacher.model") -> None:
   missing, unexpected, misshaped = fit_report(expected, given)
   if missing or unexpected or misshaped:
     lines = [f"the {what} weights in {source!r} do not fit the configured architecture "
-             f"(check config.teacher.model: variant, width, depth, patch size, qkv_bias, cls_token):"]
+             f"(check {field}: variant, width, depth, patch size, qkv_bias, cls_token):"]
     for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
       if keys:
         shown = ", ".join(keys[:12]) + (f" ... (+{len(keys) - 12} more)" if len(keys) > 12 else "")
@@ -190,8 +273,11 @@ def _load_torch_parts(source: str, teacher_cfg, abstract_params, parts, data_cfg
   arch = convert.arch_from_config(teacher_cfg.model, decoder_cfg=teacher_cfg.get("decoder"), image_size=image_size,
                                   num_frames=num_frames, in_chans=channels, video=video,
                                   final_norm="norm" in abstract_params["encoder"])
+  # A classifier teacher's fc_norm and head are the converter's 'classifier' part.
+  convert_parts = tuple(dict.fromkeys("classifier" if p in ("fc_norm", "head") else p for p in parts))
   try:
-    params, _ = convert.load_torch_checkpoint(source, arch, parts=parts, scan=bool(teacher_cfg.model.scan))
+    params, _ = convert.load_torch_checkpoint(source, arch, parts=convert_parts,
+                                              scan=bool(teacher_cfg.model.scan))
   except convert.ConversionError as e:
     raise TeacherMismatchError(
         f"config.teacher.checkpoint={source!r} does not hold all this method's teacher needs ({' and '.join(parts)};"

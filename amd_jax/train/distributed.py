@@ -1,36 +1,113 @@
-"""Multi-process start-up, gated: jax.distributed.initialize only where a multi-process run is detected."""
+"""Multi-process start-up, gated: jax.distributed.initialize only where a multi-process run is detected or asked for.
+
+Decided from the environment, in this order (docs/scaling.md):
+
+1. AMD_JAX_DISTRIBUTED=0: never (one process, whatever else is set).
+2. Explicit: JAX_COORDINATOR_ADDRESS (host:port of process 0) with JAX_NUM_PROCESSES and
+   JAX_PROCESS_ID; the launch scripts in launch/ set these. JAX_LOCAL_DEVICE_IDS (read by
+   JAX itself) picks the accelerators of a process.
+3. AMD_JAX_DISTRIBUTED=1: always, letting JAX detect the cluster (SLURM, Open MPI, Cloud TPU).
+4. Detected: an srun step of more than one task (SLURM_STEP_NUM_TASKS or SLURM_NTASKS > 1, with
+   SLURM_PROCID); an Open MPI job of more than one rank; a Cloud TPU VM (a Google TPU on the PCI
+   bus, or TPU_WORKER_HOSTNAMES / MEGASCALE_COORDINATOR_ADDRESS as GKE and multi-slice set them).
+   JAX's own cluster detection then supplies coordinator, process count and id (on a TPU VM
+   from the metadata server; a single-host VM becomes a one-process cluster).
+
+Anything else is a single-process run and jax.distributed is left alone.
+"""
 from __future__ import annotations
 
+import glob
 import os
+from typing import Mapping
 
 import jax
 from absl import logging
 
-# Environment markers of launchers that start one process per host/GPU.
-_MARKERS = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+_OFF = ("0", "false", "no")
+_ON = ("1", "true", "yes")
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+# Google's virtual NIC (gVNIC) shares the vendor id; it sits in ordinary GCE VMs, TPUs or not.
+_GVNIC_PCI_DEVICE = "0x0042"
+
+
+def on_cloud_tpu_vm() -> bool:
+  """A Google TPU on this machine's PCI bus (what JAX's Cloud TPU set-up looks for too)."""
+  for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(path) as f:
+        vendor = f.read().strip()
+      if vendor != _GOOGLE_PCI_VENDOR:
+        continue
+      with open(os.path.join(os.path.dirname(path), "device")) as f:
+        if f.read().strip() != _GVNIC_PCI_DEVICE:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int:
+  try:
+    return int(env[name])
+  except ValueError:
+    raise ValueError(f"{name}={env[name]!r} must be an integer") from None
+
+
+def _more_than_one(env: Mapping[str, str], *names: str) -> bool:
+  for name in names:
+    if env.get(name, "").strip():
+      try:
+        return int(env[name].split("(")[0]) > 1   # SLURM writes e.g. '8(x2)' for some counts
+      except ValueError:
+        return False
+  return False
+
+
+def plan(env: Mapping[str, str] | None = None, tpu_vm: bool | None = None) -> tuple[str, dict] | None:
+  """(why, jax.distributed.initialize kwargs) for a multi-process run, None for a single process."""
+  env = os.environ if env is None else env
+  asked = env.get("AMD_JAX_DISTRIBUTED", "").strip().lower()
+  if asked in _OFF:
+    return None
+  if asked and asked not in _ON:
+    raise ValueError(f"AMD_JAX_DISTRIBUTED={env['AMD_JAX_DISTRIBUTED']!r}: allowed: 1/true/yes (initialise), "
+                     "0/false/no (never), or unset (detect)")
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    kwargs = {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"]}
+    if "JAX_NUM_PROCESSES" in env:
+      kwargs["num_processes"] = _int_env(env, "JAX_NUM_PROCESSES")
+    if "JAX_PROCESS_ID" in env:
+      kwargs["process_id"] = _int_env(env, "JAX_PROCESS_ID")
+    n, i = kwargs.get("num_processes"), kwargs.get("process_id")
+    if n is not None and (n < 1 or (i is not None and not 0 <= i < n)):
+      raise ValueError(f"JAX_PROCESS_ID={i} must lie in [0, JAX_NUM_PROCESSES={n})")
+    return "explicit coordinator", kwargs
+  if asked in _ON:
+    return "asked for (AMD_JAX_DISTRIBUTED)", {}
+  if "SLURM_PROCID" in env and _more_than_one(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+    return "SLURM step with several tasks", {}
+  if _more_than_one(env, "OMPI_COMM_WORLD_SIZE"):
+    return "Open MPI job with several ranks", {}
+  if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "multi-slice TPU", {}
+  if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+    return "TPU pod (TPU_WORKER_HOSTNAMES)", {}
+  if tpu_vm if tpu_vm is not None else on_cloud_tpu_vm():
+    return "Cloud TPU VM", {}
+  return None
 
 
 def wants_distributed() -> bool:
-  if os.environ.get("AMD_JAX_DISTRIBUTED", "").lower() in ("0", "false", "no"):
-    return False
-  if os.environ.get("AMD_JAX_DISTRIBUTED", "").lower() in ("1", "true", "yes"):
-    return True
-  if os.environ.get("SLURM_NTASKS", "1") not in ("", "1"):
-    return True
-  workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if workers and len(workers.split(",")) > 1:
-    return True
-  return bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+  return plan() is not None
 
 
 def maybe_initialize() -> None:
-  if not wants_distributed():
+  decision = plan()
+  if decision is None or jax.distributed.is_initialized():
     return
-  kwargs = {}
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                  num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                  process_id=int(os.environ["JAX_PROCESS_ID"]))
+  why, kwargs = decision
+  logging.info("jax.distributed.initialize(%s): %s", ", ".join(f"{k}={v}" for k, v in kwargs.items()), why)
   jax.distributed.initialize(**kwargs)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

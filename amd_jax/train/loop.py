@@ -21,11 +21,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from amd_jax import config_validation
-from amd_jax.data import pipeline
+from amd_jax import config_validation, visualize
+from amd_jax.data import pipeline, sources
 from amd_jax.methods import get_method
 from amd_jax.models import vit
-from amd_jax.train import checkpoint, metrics, optim, sharding
+from amd_jax.train import checkpoint, guard, metrics, optim, preemption, sharding
 
 
 @flax.struct.dataclass
@@ -33,6 +33,7 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  ema_params: Any = None   # exponential moving average of params when config.optim.ema_decay > 0
 
 
 def schedule_steps(config, steps_per_epoch: int) -> tuple[int, int]:
@@ -56,7 +57,7 @@ def _example_batch(dataset, config) -> dict:
   return {k: jnp.zeros((v.shape[0] * scale,) + v.shape[1:], v.dtype) for k, v in local.items()}
 
 
-def make_train_step(method, tx, schedule, base_key):
+def make_train_step(method, tx, schedule, base_key, ema_decay: float = 0.0, nan_policy: str = "off"):
   def train_step(state: TrainState, batch, teacher_params):
     rng = jax.random.fold_in(base_key, state.step)
 
@@ -66,11 +67,21 @@ def make_train_step(method, tx, schedule, base_key):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema_decay > 0:
+      ema = optax.incremental_update(params, ema, step_size=1.0 - ema_decay)
     out = dict(aux)
     out["loss"] = loss
     out["grad_norm"] = optax.global_norm(grads)
     out["learning_rate"] = schedule(state.step)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), out
+    if nan_policy != "off":   # amd_jax.train.guard
+      out["update_norm"] = optax.global_norm(updates)
+      finite = guard.all_finite(out["loss"], out["grad_norm"], out["update_norm"])
+      if nan_policy == "skip":   # a non-finite step changes nothing but the step counter
+        params, opt_state, ema = guard.keep_if_not(finite, (params, opt_state, ema),
+                                                   (state.params, state.opt_state, state.ema_params))
+      out = guard.flag_step(out, finite, state.step + 1, nan_policy)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), out
   return train_step
 
 
@@ -94,31 +105,50 @@ def write_run_config(workdir: str, config, allow_change: bool) -> None:
 
 
 def run(config, workdir: str) -> dict[str, float]:
-  """Train `config` in `workdir` (resuming if it holds checkpoints). Returns the final metrics."""
+  """Train `config` in `workdir` (resuming if it holds checkpoints). Returns the final metrics.
+
+  SIGTERM/SIGINT: the step reached is checkpointed, then preemption.Preempted is raised.
+  A non-finite step under config.nan_policy='stop' raises guard.NonFiniteError.
+  """
+  with preemption.StopRequest(agree_every=config.log_every_steps) as stop_request:
+    return _run(config, workdir, stop_request)
+
+
+def _run(config, workdir: str, stop_request: preemption.StopRequest) -> dict[str, float]:
   config_validation.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  config_validation.check_workdir_writable(workdir)
+  config_validation.check_workdir_writable(workdir)   # creates it
   write_run_config(workdir, config, config.allow_config_change)
+  sources.reset_skipped_files()   # data/skipped_files counts this run's
 
   mesh = sharding.make_mesh(config.mesh)
   method = get_method(config)
-  steps_per_epoch = max(pipeline.num_examples(config.data, config.data.split) // config.batch_size, 1)
+  # An epoch is one pass over the distinct examples: with repeated augmentation a batch of
+  # batch_size rows holds batch_size / repeated_aug of them (the official video recipes' count).
+  examples_per_epoch = pipeline.num_examples(config.data, config.data.split) * config.data.repeated_aug
+  steps_per_epoch = max(examples_per_epoch // config.batch_size, 1)
   total_steps, warmup_steps = schedule_steps(config, steps_per_epoch)
   logging.info("mesh %s; %d steps (%d per epoch), %d warmup", dict(mesh.shape), total_steps, steps_per_epoch,
                warmup_steps)
 
+  # Each process loads the rows of every global batch its devices hold: the same global batches for any
+  # number of processes.
+  rows = sharding.process_batch_rows(sharding.batch_sharding(mesh), config.batch_size)
   dataset = pipeline.make_train_dataset(config.data, global_batch_size=config.batch_size, seed=config.seed,
-                                        process_index=jax.process_index(), process_count=jax.process_count())
+                                        process_index=jax.process_index(), process_count=jax.process_count(),
+                                        rows=rows)
   example = _example_batch(dataset, config)
   data_iter = iter(dataset)
 
-  tx, schedule = optim.make_optimizer(config.optim, batch_size=config.batch_size, total_steps=total_steps,
-                                      warmup_steps=warmup_steps)
   init_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  abstract_params = jax.eval_shape(method.init, init_key, example)
+  tx, schedule = optim.make_optimizer(config.optim, batch_size=config.batch_size, total_steps=total_steps,
+                                      warmup_steps=warmup_steps, layer_scales=method.layer_scales(abstract_params))
+  ema_decay = float(config.optim.ema_decay)
 
   def init_state(rng):
     params = method.init(rng, example)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if ema_decay > 0 else None)
 
   abstract = jax.eval_shape(init_state, init_key)
   use_fsdp = mesh.shape["fsdp"] > 1
@@ -144,19 +174,26 @@ def run(config, workdir: str) -> dict[str, float]:
   if latest is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                           state_shardings)
-    state = ckpt.restore(latest, target, data_iter)
+    latest, state = ckpt.restore_latest(target, data_iter)   # falls back past unreadable steps
     logging.info("resumed from step %d in %s", latest, workdir)
   else:
-    state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+    with sharding.activation_sharding(mesh, config.mesh):
+      state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+    pretrained = method.load_pretrained(sharding.to_host(state.params))
+    if pretrained is not None:   # fine-tuning: start from a pre-trained encoder
+      params = jax.device_put(pretrained, state_shardings.params)
+      ema = jax.tree.map(jnp.copy, params) if ema_decay > 0 else None   # own buffers: the state is donated
+      state = state.replace(params=params, ema_params=ema)
   start_step = int(jax.device_get(state.step))
 
-  step_fn = jax.jit(make_train_step(method, tx, schedule, step_key),
+  step_fn = jax.jit(make_train_step(method, tx, schedule, step_key, ema_decay, config.nan_policy),
                     in_shardings=(state_shardings, batch_shard, teacher_shardings),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     donate_argnums=(0,))
   t0 = time.perf_counter()
   abstract_batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_shard), example)
-  compiled = step_fn.lower(state, abstract_batch, teacher).compile()
+  with sharding.activation_sharding(mesh, config.mesh):   # logical activation constraints -> mesh axes
+    compiled = step_fn.lower(state, abstract_batch, teacher).compile()
   compile_s = time.perf_counter() - t0
   memory = compiled.memory_analysis()
   logging.info("step compiled in %.1fs; memory analysis: %s", compile_s, memory)
@@ -164,12 +201,14 @@ def run(config, workdir: str) -> dict[str, float]:
   flops = method.flops_per_example(example)
   flops_per_step = 3 * flops["student"] * config.batch_size + flops["teacher"] * config.batch_size
   writer = metrics.make_writer(workdir)
+  pictures = visualize.TrainingPictures(config, method, writer)   # TensorBoard images; off unless asked
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
   progress = metrics.Progress(total_steps, config.batch_size, flops_per_step)
   progress.reset(start_step)
 
-  accumulate = jax.jit(lambda acc, m: jax.tree.map(jnp.add, acc, m))
+  accumulate = jax.jit(guard.accumulate)
+  nan_guard = guard.NanGuard(config.nan_policy, ckpt)
   acc, acc_count, pending = None, 0, None
   last_scalars: dict[str, float] = {}
 
@@ -177,14 +216,27 @@ def run(config, workdir: str) -> dict[str, float]:
     """Host read of metrics accumulated up to a step that has already been dispatched."""
     step, acc_tree, count = pending_item
     values = jax.device_get(acc_tree)
-    scalars = {k: float(v) / count for k, v in values.items()}
+    nan_guard.check_window(values, step)
+    scalars = guard.window_means(values, count)
+    scalars["data/skipped_files"] = float(len(sources.skipped_files()))
     scalars.update(progress.report(step))
     writer.write_scalars(step, scalars)
     return scalars
 
+  def save(at_step: int, force: bool = False):
+    """Checkpoint the state, unless it or a step not yet read is non-finite (then stop: checkpoints stay)."""
+    nonlocal pending, last_scalars
+    if pending is not None and config.nan_policy != "off":
+      last_scalars, pending = flush(pending), None
+    nan_guard.check_before_save(state, acc, at_step)
+    ckpt.save(at_step, state, data_iter, force=force)
+
   step = start_step
   while step < total_steps:
-    batch = sharding.global_batch(next(data_iter), batch_shard)
+    t_data = time.perf_counter()
+    host_batch = next(data_iter)
+    progress.add_data_wait(time.perf_counter() - t_data)   # perf_counter only: no device sync
+    batch = sharding.global_batch(host_batch, batch_shard)
     state, step_metrics = compiled(state, batch, teacher)
     step += 1
     acc = step_metrics if acc is None else accumulate(acc, step_metrics)
@@ -195,13 +247,25 @@ def run(config, workdir: str) -> dict[str, float]:
     if step % config.log_every_steps == 0 or step == total_steps:
       pending, acc, acc_count = (step, acc, acc_count), None, 0
     if step % config.checkpoint_every_steps == 0 and step < total_steps:
-      ckpt.save(step, state, data_iter)
+      save(step)
+    pictures.maybe_write(step, state.params)   # every config.image_every_steps, before the next step donates
+    if method.is_classifier and config.eval.every_steps and step % config.eval.every_steps == 0 \
+        and step < total_steps:
+      writer.write_scalars(step, classifier_eval(method, state, config, mesh))
+    if stop_request.reached(step):   # SIGTERM/SIGINT: log, checkpoint this step below, then stop
+      if acc is not None:
+        pending, acc = (step, acc, acc_count), None
+      break
   if pending is not None:
-    last_scalars = flush(pending)
+    last_scalars, pending = flush(pending), None
   if step > start_step or latest is None:
-    ckpt.save(step, state, data_iter, force=True)
+    save(step, force=True)
   ckpt.wait()
   _close(data_iter)
+  if stop_request.stop_step is not None:
+    writer.flush()
+    ckpt.close()
+    raise stop_request.preempted(ckpt.directory)
   final = {k: v for k, v in last_scalars.items()}
   final["compile_seconds"] = compile_s
   final["train_seconds"] = time.perf_counter() - progress.start
@@ -211,10 +275,26 @@ def run(config, workdir: str) -> dict[str, float]:
     results = probe.evaluate(method, state.params, config, mesh)
     writer.write_scalars(step, results)
     final.update(results)
+  if method.is_classifier:
+    results = classifier_eval(method, state, config, mesh)
+    writer.write_scalars(step, results)
+    final.update(results)
   writer.flush()
   ckpt.close()
   _log_summary(final)
   return final
+
+
+def classifier_eval(method, state: TrainState, config, mesh) -> dict[str, float]:
+  """Top-1/top-5 of the weights (eval/...) and of their EMA when kept (eval_ema/...)."""
+  from amd_jax import evaluate  # pylint: disable=g-import-not-at-top
+  results = evaluate.classification_accuracy(method.predict, state.params, config, mesh)
+  if state.ema_params is not None:
+    results.update(evaluate.classification_accuracy(method.predict, state.ema_params, config, mesh,
+                                                    prefix="eval_ema/"))
+  logging.info("step %d: %s", int(jax.device_get(state.step)),
+               ", ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
+  return results
 
 
 def _close(iterator):

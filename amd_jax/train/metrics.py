@@ -36,10 +36,16 @@ class Progress:
     self.start = time.perf_counter()
     self._last_time = self.start
     self._last_step = None
+    self._data_wait = 0.0
 
   def reset(self, step: int):
     self._last_time = time.perf_counter()
     self._last_step = step
+    self._data_wait = 0.0
+
+  def add_data_wait(self, seconds: float):
+    """Time the loop spent blocked on the input pipeline (reported as a fraction of the window)."""
+    self._data_wait += seconds
 
   def report(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
@@ -48,12 +54,17 @@ class Progress:
       return {}
     dt = now - self._last_time
     steps = step - self._last_step
+    # Steps are dispatched asynchronously, so the host mostly waits either for data
+    # or for the device: a fraction near 1 means the input pipeline is the bottleneck;
+    # well below 1 it is (about) the pipeline's time per batch over the step's.
+    data_wait = self._data_wait
     self.reset(step)
     steps_per_sec = steps / dt
     out = {
         "steps_per_sec": steps_per_sec,
         "examples_per_sec": steps_per_sec * self.batch_size,
         "eta_minutes": (self.total_steps - step) / steps_per_sec / 60.0,
+        "data_wait_fraction": data_wait / dt,
     }
     if self.flops_per_step:
       tflops = self.flops_per_step * steps_per_sec / 1e12 / jax.device_count()
