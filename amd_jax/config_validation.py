@@ -140,6 +140,8 @@ def validate(config) -> None:
     _fail("optim.min_lr", o.min_lr, "must be >= 0")
   if not 0.0 <= o.ema_decay < 1.0:
     _fail("optim.ema_decay", o.ema_decay, "must be in [0, 1) (0 disables the EMA of the weights)")
+  if config.image_every_steps < 0:
+    _fail("image_every_steps", config.image_every_steps, "must be >= 0 (0 disables the TensorBoard pictures)")
   for field in ("every_steps", "batch_size"):
     if config.eval[field] < 0:
       _fail(f"eval.{field}", config.eval[field], "must be >= 0 (0: see config_base)")

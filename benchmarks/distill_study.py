@@ -10,8 +10,8 @@ What it does, all through amd_jax.train.loop.run and amd_jax.probe (as amd_jax/q
    2 epochs, the same optimizer): `mae` and `amd` from configs/quickstart.py, `dmae`, `tinymim` and
    `g2sd` from configs/distill_fmnist.py, config.seed = the seed (init, masks, data order);
 3. frozen-feature evaluation at the end of each run (kNN and linear probe, config.eval);
-4. a short fine-tuning of each student's encoder (mean-pooled tokens -> LayerNorm -> linear head,
-   AdamW with layer decay, --finetune_epochs on the train split with the pre-training augmentation),
+4. a short fine-tuning of each student's encoder through the train loop (configs/finetune_fmnist.py:
+   mean pooling + fc_norm + head, layer decay 0.75, drop path 0.1, light mixup, --finetune_epochs),
    top-1 on the test split.
 It prints and writes WORKDIR/results.md (mean and sample standard deviation over seeds, wall times) and
 WORKDIR/results.json (every run). Each run lives in WORKDIR/<method>/seed<k>; a finished run's numbers are
@@ -22,25 +22,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import sys
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 
-from amd_jax import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
-from amd_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from amd_jax.methods import get_method  # pylint: disable=g-import-not-at-top,wrong-import-position
-from amd_jax.models import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
-from amd_jax.train import checkpoint, loop, optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from amd_jax.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 METHODS = ("mae", "amd", "dmae", "tinymim", "g2sd")
 NAMES = {"mae": "MAE", "amd": "AMD", "dmae": "D-MAE (MAE-lite)", "tinymim": "TinyMIM", "g2sd": "G2SD"}
@@ -71,77 +63,15 @@ def student_config(method: str, teacher: str, seed: int, smoke: bool):
 # ------------------------------------------------------------------------------------------ fine-tuning
 
 
-class Classifier(nn.Module):
-  """The pre-trained encoder (all tokens) -> mean of the patch tokens -> LayerNorm -> linear head."""
-  encoder: vit.Encoder
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    tokens, _ = self.encoder(x, train=train)
-    if self.encoder.cls_token:
-      tokens = tokens[:, 1:]
-    feats = nn.LayerNorm(epsilon=vit.LN_EPS, name="fc_norm")(tokens.mean(axis=1))
-    return nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(2e-5), name="head")(feats)
-
-
-def finetune(method, params, config, *, seed: int, epochs: float, max_steps: int = 0, eval_examples: int = 0,
-             batch_size: int = 256, base_lr: float = 1e-3, layer_decay: float = 0.75) -> dict:
-  """Short fine-tuning of the student's encoder; returns test top-1 and the wall time."""
+def finetune(student_workdir: str, workdir: str, *, seed: int, epochs: float, smoke: bool) -> dict:
+  """Fine-tune a student's encoder through the train loop (configs/finetune_fmnist.py); test top-1."""
+  config = load_config_module("finetune_fmnist").get_config(
+      _arg(init=student_workdir, epochs=float(epochs), runlocal=smoke))
+  config.seed = seed
   t0 = time.perf_counter()
-  encoder_params = getattr(method, "transfer_encoder_params", lambda p: p["encoder"])(params)
-  model = Classifier(method.encoder, config.data.num_classes)
-  size = config.data.image_size
-  x0 = jnp.zeros((2, size, size, config.data.channels))
-  variables = model.init(jax.random.PRNGKey(seed), x0)
-  init = dict(variables["params"])
-  init["encoder"] = encoder_params
-  steps_per_epoch = max(pipeline.num_examples(config.data, config.data.split) // batch_size, 1)
-  total = max(int(math.ceil(epochs * steps_per_epoch)), 1)
-  if max_steps:
-    total = min(total, max_steps)
-  optim_cfg = config_base.optim_config()
-  optim_cfg.update(base_lr=base_lr, b1=0.9, b2=0.999, weight_decay=0.05, min_lr=1e-6)
-  depth = method.encoder.depth
-  tx, _ = optim.make_optimizer(optim_cfg, batch_size=batch_size, total_steps=total,
-                               warmup_steps=max(total // 10, 0),
-                               layer_scales=optim.layer_decay_scales(init, depth, layer_decay))
-  state = (init, tx.init(init))
-
-  @jax.jit
-  def step(state, images, labels, key):
-    p, opt_state = state
-
-    def loss_fn(p):
-      logits = model.apply({"params": p}, images, train=True, rngs={"dropout": key})
-      targets = optax.smooth_labels(jax.nn.one_hot(labels, config.data.num_classes), 0.1)
-      return optax.softmax_cross_entropy(logits, targets).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(p)
-    updates, opt_state = tx.update(grads, opt_state, p)
-    return (optax.apply_updates(p, updates), opt_state), loss
-
-  data = iter(pipeline.make_train_dataset(config.data, global_batch_size=batch_size, seed=seed + 1000))
-  key = jax.random.PRNGKey(seed + 2000)
-  loss = None
-  for i in range(total):
-    batch = next(data)
-    state, loss = step(state, jnp.asarray(batch["image"]), jnp.asarray(batch["label"]), jax.random.fold_in(key, i))
-  close = getattr(data, "close", None)
-  if close is not None:
-    close()
-
-  predict = jax.jit(lambda p, images: jnp.argmax(model.apply({"params": p}, images), axis=-1))
-  correct = count = 0
-  for batch in pipeline.make_eval_dataset(config.data, split=config.data.eval_split, batch_size=batch_size,
-                                          max_examples=eval_examples):
-    pred = np.asarray(predict(state[0], jnp.asarray(batch["image"])))
-    real = np.asarray(batch["mask"], bool)
-    correct += int((pred[real] == np.asarray(batch["label"])[real]).sum())
-    count += int(real.sum())
-  return {"finetune_top1": correct / max(count, 1), "finetune_steps": total,
-          "finetune_final_loss": float(loss) if loss is not None else float("nan"),
-          "finetune_seconds": time.perf_counter() - t0}
+  final = loop.run(config, workdir)
+  return {"finetune_top1": final["eval/top1"], "finetune_top5": final["eval/top5"],
+          "finetune_final_loss": final.get("loss", float("nan")), "finetune_seconds": time.perf_counter() - t0}
 
 
 # ------------------------------------------------------------------------------------------ the study
@@ -171,10 +101,8 @@ def run_student(method: str, seed: int, teacher: str, workdir: str, args) -> dic
   final = loop.run(config, workdir)
   result = {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}
   result["pretrain_wall_seconds"] = time.perf_counter() - t0
-  m = get_method(config)
-  params = checkpoint.load_params(workdir)
-  result.update(finetune(m, params, config, seed=seed, epochs=args.finetune_epochs,
-                         max_steps=5 if args.smoke else 0, eval_examples=512 if args.smoke else 0))
+  result.update(finetune(workdir, os.path.join(workdir, "finetune"), seed=seed, epochs=args.finetune_epochs,
+                         smoke=args.smoke))
   result.update(method=method, seed=seed)
   with open(done, "w") as f:
     json.dump(result, f, indent=2, sort_keys=True)

@@ -314,3 +314,19 @@ def test_short_fashion_mnist_finetune_ends_far_above_chance(tmp_path):
   result = loop.run(c, str(tmp_path))
   assert result["eval/examples"] == 10000
   assert result["eval/top1"] > 0.5, result   # chance is 0.1
+
+
+def test_tinymim_student_hands_over_its_encoder_with_the_last_mlp_off(tmp_path):
+  pre = load_config("tinymim_vit_t_in1k", "runlocal")
+  loop.run(pre, str(tmp_path / "pre"))
+  c = load_config("finetune_vit_s_in1k", "runlocal")
+  c.model.update(pre.model.to_dict())
+  c.model.update(drop_path=0.0)
+  c.finetune.init = str(tmp_path / "pre")
+  method = get_method(c)
+  x = {"image": jnp.zeros((2, c.data.image_size, c.data.image_size, c.data.channels))}
+  loaded = method.load_pretrained(jax.device_get(method.init(jax.random.PRNGKey(0), x)))["encoder"]
+  source = checkpoint.load_params(str(tmp_path / "pre"))["encoder"]
+  last = f"blocks_{method.model.encoder.depth - 1}"
+  assert not np.any(loaded[last]["mlp"]["fc2"]["kernel"]) and np.any(source[last]["mlp"]["fc2"]["kernel"])
+  np.testing.assert_array_equal(loaded["blocks_0"]["mlp"]["fc2"]["kernel"], source["blocks_0"]["mlp"]["fc2"]["kernel"])

@@ -158,12 +158,14 @@ def load_encoder(source: str, config, expected):
   m = config.model
   _, depth, _ = vit.resolve_variant(m.variant, m.width, m.depth, m.num_heads)
   if os.path.isdir(source):
-    params = checkpoint.load_params(source)
+    from amd_jax import evaluate  # pylint: disable=g-import-not-at-top
+    _, run_method, params = evaluate.load_run(source)
     if "encoder" not in params:
       raise checkpoint.TeacherMismatchError(
           f"config.finetune.init={source!r}: the run's params hold no 'encoder' (they hold "
           f"{', '.join(sorted(params))})")
-    encoder = params["encoder"]
+    # A method may hand over its encoder differently (TinyMIM switches off its never-trained last MLP).
+    encoder = getattr(run_method, "transfer_encoder_params", lambda p: p["encoder"])(jax.device_get(params))
   else:
     from amd_jax.convert import load_torch_encoder  # pylint: disable=g-import-not-at-top
     d = config.data

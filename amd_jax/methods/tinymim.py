@@ -224,7 +224,7 @@ class TinyMIM(Method):
     Pre-training never reaches the last block's MLP (its weights stay random, and weight
     decay shrinks the matrices); its output projection is zeroed here, so the encoder
     starts as the residual stream after the last block's (trained) attention, as
-    `features` reads it. Call it on concrete params, outside jit (see docs/distillation.md).
+    `features` reads it. Call it on concrete params, outside jit (see docs/methods/tinymim.md).
     """
     enc = dict(params["encoder"])
     last = f"blocks_{self.depth - 1}"
