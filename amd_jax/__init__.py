@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 # Submodules reachable as attributes (amd_jax.masking, ...) without importing them up front.
 _SUBMODULES = ("config_base", "config_validation", "convert", "data", "losses", "masking", "methods", "models",
-               "probe", "progress", "quickstart", "recipes", "targets", "train", "visualize")
+               "evaluate", "mixup", "probe", "progress", "quickstart", "recipes", "targets", "train", "visualize")
 
 # public name -> (module, attribute in that module)
 _EXPORTS: dict[str, tuple[str, str]] = {
@@ -56,6 +56,15 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "DMAE": ("amd_jax.methods.dmae", "DMAE"),
     "TinyMIM": ("amd_jax.methods.tinymim", "TinyMIM"),
     "G2SD": ("amd_jax.methods.g2sd", "G2SD"),
+    "Finetune": ("amd_jax.methods.finetune", "Finetune"),
+    "SpecificDistillation": ("amd_jax.methods.finetune", "SpecificDistillation"),
+    # fine-tuning parts
+    "Classifier": ("amd_jax.models.classifier", "Classifier"),
+    "classifier_from_config": ("amd_jax.models.classifier", "classifier_from_config"),
+    "MixupConfig": ("amd_jax.mixup", "MixupConfig"),
+    "mix_batch": ("amd_jax.mixup", "mix_batch"),
+    "soft_cross_entropy": ("amd_jax.losses", "soft_cross_entropy"),
+    "logit_distillation": ("amd_jax.losses", "logit_distillation"),
     # configs
     "base_config": ("amd_jax.config_base", "base_config"),
     "model_config": ("amd_jax.config_base", "model_config"),
@@ -74,6 +83,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "export_torch": ("amd_jax.convert", "export_torch"),
     "reconstruction_grid": ("amd_jax.visualize", "reconstruction_grid"),
     "attention_maps": ("amd_jax.visualize", "attention_maps"),
+    "evaluate_workdir": ("amd_jax.evaluate", "evaluate_workdir"),
+    "classification_accuracy": ("amd_jax.evaluate", "classification_accuracy"),
 }
 
 __all__ = sorted(set(_EXPORTS) | set(_SUBMODULES) | {"__version__"})
