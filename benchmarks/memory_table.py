@@ -1,7 +1,7 @@
 """Per-device memory of the AMD video train step under several mesh layouts, from the compiled step.
 
   python benchmarks/memory_table.py [--config configs/amd_vit_s_ssv2.py] [--per_device_batch 8] \
-      [--layouts 'data=8;fsdp=8;data=2,fsdp=2,tensor=2;data=4,fsdp=2'] [--out docs/scaling_memory.json]
+      [--layouts 'data=8;fsdp=8;data=2,fsdp=2,tensor=2;data=4,fsdp=2'] [--rules 'heads='] [--out rows.json]
 
 The step is the loop's (amd_jax.train.loop.make_train_step over the loop's optimizer, state
 shardings from sharding.tree_shardings, activation rules from config.mesh, state donated),
@@ -28,6 +28,7 @@ if "--devices_from_env" not in sys.argv:
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
+import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import importlib.util  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import time  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -66,7 +67,7 @@ def abstract_with(tree, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def compile_step(config, layout: dict[str, int], teacher_sharded: bool) -> dict:
+def compile_step(config, layout: dict[str, int], teacher_sharded: bool, constrain: bool = True) -> dict:
   """Lower and compile the loop's step for `layout`; return its per-device memory analysis."""
   config = config.copy_and_resolve_references()
   config.mesh.update(**layout)
@@ -94,7 +95,7 @@ def compile_step(config, layout: dict[str, int], teacher_sharded: bool) -> dict:
                  in_shardings=(state_shardings, batch_shard, teacher_shardings),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
   t0 = time.perf_counter()
-  with sharding.activation_sharding(mesh, config.mesh):
+  with sharding.activation_sharding(mesh, config.mesh) if constrain else contextlib.nullcontext():
     lowered = step.lower(abstract_with(abstract, state_shardings),
                          jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_shard), batch),
                          abstract_with(teacher, teacher_shardings))
@@ -129,6 +130,8 @@ def main():
   parser.add_argument("--per_device_batch", type=int, default=8)
   parser.add_argument("--layouts", default=DEFAULT_LAYOUTS, help="';'-separated meshes, e.g. 'data=8;fsdp=8'")
   parser.add_argument("--teacher", default="sharded,replicated", help="'sharded', 'replicated' or both")
+  parser.add_argument("--rules", default="", help="config.mesh.rules: activation rule overrides, e.g. 'heads=';"
+                      " 'off': trace without activation constraints (GSPMD propagation alone)")
   parser.add_argument("--out", default="", help="also write the rows as JSON here")
   parser.add_argument("--devices_from_env", action="store_true", help="use the devices JAX finds (no simulation)")
   args = parser.parse_args()
@@ -136,11 +139,12 @@ def main():
   config = load_config(args.config)
   devices = jax.device_count()
   config.batch_size = args.per_device_batch * devices
+  config.mesh.rules = "" if args.rules == "off" else args.rules
   rows = []
   for text in args.layouts.split(";"):
     layout = parse_layout(text)
     for teacher in args.teacher.split(","):
-      r = compile_step(config, layout, teacher_sharded=teacher == "sharded")
+      r = compile_step(config, layout, teacher_sharded=teacher == "sharded", constrain=args.rules != "off")
       r.update(layout=text, teacher=teacher)
       rows.append(r)
       print(f"{text:>24} teacher {teacher:>10}: sum {r['total'] / GIB:6.2f} GiB (arguments {r['argument'] / GIB:.2f},"

@@ -1,16 +1,17 @@
 """Soak test of resuming: interrupt a training process at random times until it finishes, then check that
 its final weights equal an uninterrupted run's bit for bit.
 
-  python benchmarks/soak.py --workdir /tmp/amd_jax_soak
-  python benchmarks/soak.py --workdir /tmp/amd_jax_soak --kills 10 --sigterms 3 --corruptions 2 \
+  python benchmarks/soak.py --workdir /tmp/amd_jax_soak          # about 4 minutes on 2 CPU cores
+  python benchmarks/soak.py --workdir /tmp/amd_jax_soak --kills 10 --sigterms 3 --save_kills 2 --corruptions 2 \
       --write_docs docs/reliability.md
 
 1. The uninterrupted run: `python -m amd_jax.main --config CONFIG --workdir WORKDIR/uninterrupted` with
    --steps steps and a checkpoint every --every steps.
 2. The same command in WORKDIR/interrupted, over and over. Each start gets one fault, in a random order:
    SIGKILL (kill -9) or SIGTERM at a random moment of its training (uniform over a window after the step
-   is compiled, sized so that the faults spread over the whole run), or, between two starts, the newest
-   checkpoint damaged (its data files truncated to half). After the last fault the command runs to the end.
+   is compiled, sized so that the faults spread over the whole run), SIGKILL as soon as a checkpoint save
+   is seen under way (its temporary directory exists), or, between two starts, the newest checkpoint
+   damaged (its data files truncated to half). After the last fault the command runs to the end.
 3. The final params and optimizer state of the two runs are compared bit for bit.
 
 It prints a table (fault, count, outcome) and, with --write_docs, puts it in that markdown file between
@@ -22,6 +23,7 @@ import argparse
 import glob
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +49,7 @@ def parse_args():
   p.add_argument("--every", type=int, default=100, help="checkpoint (and log) every N steps")
   p.add_argument("--kills", type=int, default=10, help="SIGKILLs at random moments")
   p.add_argument("--sigterms", type=int, default=3, help="SIGTERMs at random moments")
+  p.add_argument("--save_kills", type=int, default=2, help="SIGKILLs while a checkpoint is being written")
   p.add_argument("--corruptions", type=int, default=2, help="newest checkpoint truncated between two starts")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--write_docs", default="", help="markdown file to put the result table in")
@@ -59,7 +62,8 @@ def ckpt_steps(workdir):
 
 
 def unfinished_saves(workdir):
-  return glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp-*"))
+  """Orbax's temporary step directories (<step>.orbax-checkpoint-tmp): saves under way or killed."""
+  return glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*"))
 
 
 class Runner:
@@ -112,25 +116,36 @@ def run_to_end(runner, workdir):
   return dict(wall=wall, train=wall - (compiled or 0.0), log=log_path)
 
 
-def interrupt(runner, workdir, sig, window, rng):
-  """One start killed by `sig` at a random moment of training; what happened."""
+def interrupt(runner, workdir, fault, window, rng):
+  """One start ended by `fault` (SIGKILL, SIGTERM: at a random moment of training; save_kill: SIGKILL
+  once a checkpoint is being written); what happened."""
   before = ckpt_steps(workdir)
+  old_tmp = set(unfinished_saves(workdir))
   proc, log, log_path = runner.start(workdir)
   wait_for_compile(proc, log_path)
-  delay = rng.uniform(0.0, window)
-  deadline = time.time() + delay
-  while time.time() < deadline and proc.poll() is None:
-    time.sleep(0.01)
+  t0 = time.time()
+  caught_save = False
+  if fault == "save_kill":   # poll for a save under way; give up (and kill anyway) after `window`
+    while proc.poll() is None and time.time() < t0 + window and not caught_save:
+      caught_save = bool(set(unfinished_saves(workdir)) - old_tmp)
+      time.sleep(0.001)
+  else:
+    deadline = t0 + rng.uniform(0.0, window)
+    while proc.poll() is None and time.time() < deadline:
+      time.sleep(0.01)
   finished = proc.poll() is not None
   if not finished:
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGTERM if fault == "SIGTERM" else signal.SIGKILL)
   rc = proc.wait()
   log.close()
   with open(log_path, errors="replace") as f:
     text = f.read()
-  return dict(fault=signal.Signals(sig).name, delay=delay, rc=rc, finished_first=finished,
-              before=before[-1] if before else 0, after=ckpt_steps(workdir)[-1] if ckpt_steps(workdir) else 0,
-              unfinished_save=bool(unfinished_saves(workdir)), fell_back="cannot be restored" in text,
+  resumed = re.search(r"resumed from step (\d+)", text)
+  return dict(fault=fault, after_compile_s=round(time.time() - t0, 2), rc=rc, finished_first=finished,
+              caught_save=caught_save,
+              before=before[-1] if before else 0, resumed=int(resumed.group(1)) if resumed else 0,
+              after=ckpt_steps(workdir)[-1] if ckpt_steps(workdir) else 0,
+              unfinished_save=bool(set(unfinished_saves(workdir)) - old_tmp), fell_back="cannot be restored" in text,
               message=next((line for line in text.splitlines() if "received SIGTERM at step" in line), ""))
 
 
@@ -151,36 +166,64 @@ def trees_equal(a, b) -> bool:
       np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(la, lb))
 
 
+def resumed_right(events) -> tuple[int, int]:
+  """(starts that resumed where they should, starts that had a checkpoint to resume from): from the newest
+  checkpoint, or from the one before it when the newest had been damaged."""
+  good = total = 0
+  for prev, e in zip([None] + events[:-1], events):
+    if e["fault"] == "corrupt" or not e["before"]:
+      continue
+    total += 1
+    after_damage = prev is not None and prev["fault"] == "corrupt" and prev["step"] is not None
+    good += e["resumed"] < e["before"] if after_damage else e["resumed"] == e["before"]
+  return good, total
+
+
 def summarise(events, final_equal, args, ref, total_wall):
-  kills = [e for e in events if e["fault"] == "SIGKILL"]
-  terms = [e for e in events if e["fault"] == "SIGTERM"]
-  corrupts = [e for e in events if e["fault"] == "corrupt"]
+  by = lambda fault: [e for e in events if e["fault"] == fault]   # pylint: disable=unnecessary-lambda-assignment
   rows = []
+  kills = by("SIGKILL")
   if kills:
     mid = [e for e in kills if not e["finished_first"]]
     rows.append(("kill -9 (SIGKILL) at a random moment of training", len(kills),
-                 f"{sum(e['rc'] == -9 for e in mid)}/{len(mid)} killed (exit -9) at checkpoint steps "
-                 f"{', '.join(str(e['after']) for e in mid)}; {sum(e['unfinished_save'] for e in mid)} left an "
-                 "unfinished save (a temporary directory, ignored on restart); every restart resumed"))
+                 f"{sum(e['rc'] == -9 for e in mid)}/{len(mid)} killed (exit -9); newest checkpoint then: step "
+                 f"{', '.join(str(e['after']) for e in mid)}"))
+  save_kills = by("save_kill")
+  if save_kills:
+    mid = [e for e in save_kills if not e["finished_first"]]
+    caught = [e for e in mid if e["caught_save"]]
+    rows.append(("kill -9 while a checkpoint is being written", len(save_kills),
+                 f"{sum(e['rc'] == -9 for e in caught)}/{len(mid)} killed (exit -9) with a save under way"
+                 + (f" (the other {len(mid) - len(caught)}: no save seen within the window, killed anyway)"
+                    if len(caught) < len(mid) else "") + "; "
+                 f"{sum(e['unfinished_save'] for e in caught)} left its temporary directory behind, never taken "
+                 "for a checkpoint (orbax replaces it when that step is saved again)"))
+  terms = by("SIGTERM")
   if terms:
     mid = [e for e in terms if not e["finished_first"]]
     ok = [e for e in mid if e["rc"] == 143 and e["message"]]
     rows.append(("SIGTERM at a random moment of training", len(terms),
                  f"{len(ok)}/{len(mid)} exited 143 after checkpointing the step reached (steps "
                  f"{', '.join(str(e['after']) for e in ok)}) with the 'rerun the same command' message"))
+  corrupts = by("corrupt")
   if corrupts:
     done = [e for e in corrupts if e["step"] is not None]
     fell = [e for e in done if e.get("fell_back")]
     rows.append(("newest checkpoint truncated between two starts", len(corrupts),
                  f"{len(fell)}/{len(done)} restarts warned, fell back to the previous step and set the damaged "
                  f"one aside (steps {', '.join(str(e['step']) for e in done)})"))
-  finished_first = sum(e.get("finished_first", False) for e in events)
+  good, total = resumed_right(events)
+  rows.append(("restart (the same command)", total, f"{good}/{total} resumed from the newest complete checkpoint "
+               "(from the one before it after a truncation)"))
   rows.append(("final run to the end", 1, "final params and optimizer state bitwise equal to the uninterrupted "
                f"run: {'yes' if final_equal else 'NO'}"))
   lines = ["| fault | count | outcome |", "|---|---|---|"] + [f"| {f} | {n} | {o} |" for f, n, o in rows]
-  notes = [f"Config `{args.config}`, {args.steps} steps, a checkpoint every {args.every} (3 kept), seed {args.seed}. "
+  notes = [f"Config `{args.config}`, {args.steps} steps, a checkpoint every {args.every} (3 kept), seed "
+           f"{args.seed}: `python benchmarks/soak.py --workdir WORKDIR --kills {args.kills} --sigterms "
+           f"{args.sigterms} --save_kills {args.save_kills} --corruptions {args.corruptions} --seed {args.seed}`. "
            f"Uninterrupted run {ref['wall']:.0f} s (training after compile {ref['train']:.0f} s); the whole soak "
            f"{total_wall / 60:.1f} min."]
+  finished_first = sum(e.get("finished_first", False) for e in events)
   if finished_first:
     notes.append(f"{finished_first} start(s) finished before their fault was due (not counted as interrupted).")
   return "\n".join(lines + [""] + notes)
@@ -210,24 +253,31 @@ def main():
   ref = run_to_end(runner, reference)
   print(f"uninterrupted run: {ref['wall']:.0f} s ({ref['train']:.0f} s training)", flush=True)
 
-  faults = ["SIGKILL"] * args.kills + ["SIGTERM"] * args.sigterms + ["corrupt"] * args.corruptions
+  faults = (["SIGKILL"] * args.kills + ["SIGTERM"] * args.sigterms + ["save_kill"] * args.save_kills
+            + ["corrupt"] * args.corruptions)
   rng.shuffle(faults)
-  process_faults = args.kills + args.sigterms
-  window = 1.5 * ref["train"] / max(process_faults, 1)   # expected progress per start: ~3/4 of a share
+  process_faults = args.kills + args.sigterms + args.save_kills
+  window = 1.4 * ref["train"] / max(process_faults, 1)   # expected progress per start: ~0.7 of a share
   events = []
-  for fault in faults:
-    if fault == "corrupt":
-      event = corrupt_latest(interrupted)
-    else:
-      event = interrupt(runner, interrupted, signal.Signals[fault], window, rng)
-      if events and events[-1]["fault"] == "corrupt" and events[-1]["step"] is not None:
-        events[-1]["fell_back"] = event["fell_back"]
+  while faults:
+    fault = faults.pop(0)
+    if fault == "corrupt" and len(ckpt_steps(interrupted)) < 2 and set(faults) - {"corrupt"}:
+      faults.insert(1, fault)   # nothing older to fall back to yet: after the next start
+      continue
+    event = corrupt_latest(interrupted) if fault == "corrupt" else interrupt(runner, interrupted, fault, window, rng)
+    if events and events[-1]["fault"] == "corrupt" and "fell_back" in event:
+      events[-1]["fell_back"] = event["fell_back"]
     events.append(event)
     print(" ".join(f"{k}={v}" for k, v in event.items() if k != "message"), flush=True)
+  before = ckpt_steps(interrupted)
   last = run_to_end(runner, interrupted)
-  if events and events[-1]["fault"] == "corrupt" and events[-1]["step"] is not None:
-    with open(last["log"], errors="replace") as f:
-      events[-1]["fell_back"] = "cannot be restored" in f.read()
+  with open(last["log"], errors="replace") as f:
+    text = f.read()
+  if events and events[-1]["fault"] == "corrupt":
+    events[-1]["fell_back"] = "cannot be restored" in text
+  resumed = re.search(r"resumed from step (\d+)", text)
+  events.append(dict(fault="final", before=before[-1] if before else 0,
+                     resumed=int(resumed.group(1)) if resumed else 0))
 
   final_equal = all(trees_equal(checkpoint.load_params(reference, subtree=s),
                                 checkpoint.load_params(interrupted, subtree=s)) for s in ("params", "opt_state"))

@@ -204,7 +204,7 @@ def test_damaged_latest_checkpoints_fall_back_to_an_older_one(reference, tmp_pat
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
   ckpts = os.path.join(workdir, "checkpoints")
-  os.rename(os.path.join(ckpts, "80"), os.path.join(ckpts, "80.orbax-checkpoint-tmp-1700000000"))
+  os.rename(os.path.join(ckpts, "80"), os.path.join(ckpts, "80.orbax-checkpoint-tmp"))   # as a killed save
   for f in glob.glob(os.path.join(ckpts, "70", "state", "ocdbt.process_0", "d", "*")):
     os.truncate(f, os.path.getsize(f) // 2)
   os.remove(os.path.join(ckpts, "60", checkpoint.COMMIT_MARKER))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -417,12 +416,72 @@ _STEP_SCRIPT = _TINY_AMD + textwrap.dedent(r"""
     """)
 
 
+# The 2-process and 1-process runs: the tiny AMD config through the CLI, parameters sharded over all 8 devices.
+_MAIN_ARGS = ["--config", "configs/amd_vit_s_ssv2.py:runlocal", "--config.batch_size=8",
+              "--config.amd.student_layers=2", "--config.amd.teacher_layers=2", "--config.amd.generator_depth=1",
+              "--config.optim.lr=1e-3",
+              "--config.total_steps=3", "--config.mesh.data=1", "--config.mesh.fsdp=8",
+              "--config.checkpoint_every_steps=100"]
+
+
+class _Background:
+  """A subprocess started now and read later; output goes to files (pipes could fill and stall it)."""
+
+  def __init__(self, cmd, env, root, name: str):
+    self.out, self.err = root / f"{name}.stdout", root / f"{name}.stderr"
+    with open(self.out, "w") as out, open(self.err, "w") as err:
+      self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+
+  def result(self, timeout: float) -> subprocess.CompletedProcess:
+    try:
+      self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.stop()
+    return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.out.read_text(),
+                                       self.err.read_text())
+
+  def stop(self):
+    """SIGTERM first: the local launcher then stops the processes it started."""
+    if self.proc.poll() is None:
+      self.proc.terminate()
+      try:
+        self.proc.wait(timeout=15)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def heavy_runs(request, tmp_path_factory):
+  """Start the multi-device subprocesses the selected tests need, all at once.
+
+  XLA compiles on one core at a time, so on a 2-core machine the runs overlap well; the fast tests
+  of this file run meanwhile.
+  """
+  wanted = {name for item in request.session.items if item.module is request.module
+            for name in item.fixturenames}
+  root = tmp_path_factory.mktemp("scaleout")
+  runs = {}
+  if "eight" in wanted:
+    runs["eight"] = _Background([sys.executable, "-c", _STEP_SCRIPT, str(root / "mesh_ckpt")], _env(8), root, "eight")
+  if "two_process" in wanted:
+    env = _env(4)
+    env["XLA_FLAGS"] = FAST_COMPILE   # the launcher adds the device count per process
+    env.pop("AMD_JAX_DISTRIBUTED")    # the processes initialise from the launcher's coordinator variables
+    runs["multi"] = _Background(
+        ["bash", os.path.join(LAUNCH, "local_multiprocess.sh"), "-n", "2", "-d", "4", "-t", "500", "-l",
+         str(root / "logs"), "--", sys.executable, "-m", "amd_jax.main", *_MAIN_ARGS, "--workdir",
+         str(root / "multi")], env, root, "multi")
+    runs["single"] = _Background([sys.executable, "-m", "amd_jax.main", *_MAIN_ARGS, "--workdir",
+                                  str(root / "single")], _env(8), root, "single")
+  yield dict(runs=runs, root=root)
+  for run in runs.values():
+    run.stop()
+
+
 @pytest.fixture(scope="module")
-def eight(tmp_path_factory):
-  ckpt = tmp_path_factory.mktemp("mesh_ckpt")
-  proc = subprocess.run([sys.executable, "-c", _STEP_SCRIPT, str(ckpt)], cwd=REPO, env=_env(8),
-                        capture_output=True, text=True, timeout=600)
-  return _record(proc)
+def eight(heavy_runs):
+  return _record(heavy_runs["runs"]["eight"].result(timeout=600))
 
 
 @pytest.mark.parametrize("name", ["data8", "fsdp8", "mixed"])
@@ -430,7 +489,7 @@ def test_amd_step_matches_one_device(eight, name):
   one, other = eight["one"], eight[name]
   assert other["step"] == one["step"] == 2
   for a, b in zip(other["losses"], one["losses"]):
-    assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (name, other["losses"], one["losses"])
+    assert abs(a - b) <= 1e-5, (name, other["losses"], one["losses"])
   assert other["max_param_diff"] <= 1e-5, (name, other["max_param_diff"])
   assert one["max_param_change"] > 1e-3   # the comparison is not vacuous
   assert len(set(one["losses"])) == 2
@@ -465,35 +524,14 @@ def test_checkpoint_moves_between_meshes(eight, name):
 # ------------------------------------------------------------- 2 processes x 4 devices vs 1 process x 8
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-_MAIN_ARGS = ["--config", "configs/amd_vit_s_ssv2.py:runlocal", "--config.batch_size=8",
-              "--config.amd.student_layers=2", "--config.amd.teacher_layers=2", "--config.amd.generator_depth=1",
-              "--config.optim.lr=1e-3",
-              "--config.total_steps=3", "--config.mesh.data=1", "--config.mesh.fsdp=8",
-              "--config.checkpoint_every_steps=100"]
-
-
 @pytest.fixture(scope="module")
-def two_process(tmp_path_factory):
-  root = tmp_path_factory.mktemp("multiprocess")
-  multi, single = root / "multi", root / "single"
-  cmd = ["bash", os.path.join(LAUNCH, "local_multiprocess.sh"), "-n", "2", "-d", "4", "-p", str(_free_port()),
-         "-l", str(root / "logs"), "--", sys.executable, "-m", "amd_jax.main", *_MAIN_ARGS, "--workdir", str(multi)]
-  env = _env(4)
-  env["XLA_FLAGS"] = FAST_COMPILE   # the launcher adds the device count per process
-  env.pop("AMD_JAX_DISTRIBUTED")    # the processes initialise from the launcher's coordinator variables
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-  assert proc.returncode == 0, _fail_text(proc)
-  proc = subprocess.run([sys.executable, "-m", "amd_jax.main", *_MAIN_ARGS, "--workdir", str(single)], cwd=REPO,
-                        env=_env(8), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, _fail_text(proc)
+def two_process(heavy_runs):
+  runs, root = heavy_runs["runs"], heavy_runs["root"]
+  for name in ("multi", "single"):
+    proc = runs[name].result(timeout=600)
+    assert proc.returncode == 0, f"{name} run: " + _fail_text(proc)
   logs = {p.name: p.read_text() for p in (root / "logs").iterdir()}
-  return dict(multi=str(multi), single=str(single), logs=logs)
+  return dict(multi=str(root / "multi"), single=str(root / "single"), logs=logs)
 
 
 def test_two_processes_train_like_one(two_process):

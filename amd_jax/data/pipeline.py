@@ -3,7 +3,7 @@
 Training stream (one per process):
 
   source -> seed(seed) -> shuffle -> repeat (forever) -> random_map(augment)
-         -> [process_index::process_count] -> to_iter_dataset -> batch
+         -> [this process's rows of each global batch] -> to_iter_dataset -> batch
          -> [merge repeated copies] -> normalise -> [random erasing]
          -> mp_prefetch(num_workers) | thread prefetch
 
@@ -13,6 +13,9 @@ Training stream (one per process):
   numbers are drawn from its position in the global stream: the same global
   example gets the same augmentation whatever the number of processes, and no
   two processes share random streams.
+* A process keeps the rows of each global batch its devices hold
+  (GlobalBatchRows), so the global batches, and where each example sits in
+  them, do not depend on the number of processes either.
 * Every random choice comes from the generator grain passes to random_map, so
   the iterator's state (grain DatasetIterator.get_state / set_state) is enough
   to resume the stream bit-exactly.

@@ -75,7 +75,7 @@ def make_train_step(method, tx, schedule, base_key, ema_decay: float = 0.0, nan_
     out["grad_norm"] = optax.global_norm(grads)
     out["learning_rate"] = schedule(state.step)
     if nan_policy != "off":   # amd_jax.train.guard
-      out["update_norm"] = optax.global_norm(updates)
+      out["update_norm"] = optax.tree.norm(updates)
       finite = guard.all_finite(out["loss"], out["grad_norm"], out["update_norm"])
       if nan_policy == "skip":   # a non-finite step changes nothing but the step counter
         params, opt_state, ema = guard.keep_if_not(finite, (params, opt_state, ema),
