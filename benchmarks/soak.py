@@ -196,8 +196,8 @@ def summarise(events, final_equal, args, ref, total_wall):
                  f"{sum(e['rc'] == -9 for e in caught)}/{len(mid)} killed (exit -9) with a save under way"
                  + (f" (the other {len(mid) - len(caught)}: no save seen within the window, killed anyway)"
                     if len(caught) < len(mid) else "") + "; "
-                 f"{sum(e['unfinished_save'] for e in caught)} left its temporary directory behind, never taken "
-                 "for a checkpoint (orbax replaces it when that step is saved again)"))
+                 f"{sum(e['unfinished_save'] for e in caught)} of them left the save's temporary directory behind, "
+                 "never taken for a checkpoint (orbax replaces it when that step is saved again)"))
   terms = by("SIGTERM")
   if terms:
     mid = [e for e in terms if not e["finished_first"]]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
