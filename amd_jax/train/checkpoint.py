@@ -56,6 +56,10 @@ class Checkpointer:
     """Start writing `step` (asynchronously); a step already saved is left alone."""
     if step == self._last_saved or step in self.manager.all_steps():
       return False
+    # The writer runs in the background while training goes on, and the next step donates (reuses)
+    # the state's buffers; on CPU the writer may read those buffers in place. A private copy keeps
+    # what is written equal to the state of `step`.
+    state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = ocp.args.JsonSave(data_iterator.get_state())
