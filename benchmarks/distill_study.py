@@ -4,8 +4,10 @@
   python benchmarks/distill_study.py --workdir /tmp/distill_smoke --smoke        # every stage, a few steps
 
 What it does, all through amd_jax.train.loop.run and amd_jax.probe (as amd_jax/quickstart.py does):
-1. the teacher: configs/quickstart.py `stage=teacher` (a 128-wide 4-deep MAE, 3 epochs) in WORKDIR/teacher,
-   or an existing teacher workdir given by --teacher;
+1. the teacher: configs/quickstart.py `stage=teacher` (a 128-wide 4-deep MAE) trained for --teacher_epochs
+   (default 15, the quickstart's 3 do not beat raw pixels) with a decoder of --teacher_decoder_depth blocks
+   (default 2) in WORKDIR/teacher, or an existing teacher workdir given by --teacher;
+   then the two controls (the student architecture untrained, raw pixels) through the same probes;
 2. for every method and seed, a student with the quickstart's budget (64 wide, 4 deep, batch 256,
    2 epochs, the same optimizer): `mae` and `amd` from configs/quickstart.py, `dmae`, `tinymim` and
    `g2sd` from configs/distill_fmnist.py, config.seed = the seed (init, masks, data order);
@@ -13,7 +15,8 @@ What it does, all through amd_jax.train.loop.run and amd_jax.probe (as amd_jax/q
 4. a short fine-tuning of each student's encoder through the train loop (configs/finetune_fmnist.py:
    mean pooling + fc_norm + head, layer decay 0.75, drop path 0.1, light mixup, --finetune_epochs),
    top-1 on the test split.
-It prints and writes WORKDIR/results.md (mean and sample standard deviation over seeds, wall times) and
+Runs go seed by seed (every method's seed 0, then seed 1, ...), so an interrupted study already compares
+every method. It prints and writes, after every run, WORKDIR/results.md (mean and sample standard deviation over seeds, wall times) and
 WORKDIR/results.json (every run). Each run lives in WORKDIR/<method>/seed<k>; a finished run's numbers are
 kept in its study.json and not recomputed, an interrupted one resumes from its checkpoints.
 """
@@ -50,13 +53,22 @@ def _arg(**kw) -> str:
   return ",".join(f"{k}={v}" if v is not True else k for k, v in kw.items() if v not in ("", False, None))
 
 
-def student_config(method: str, teacher: str, seed: int, smoke: bool):
+def student_config(method: str, teacher: str, seed: int, smoke: bool, teacher_decoder_depth: int):
   if method in ("mae", "amd"):
     c = load_config_module("quickstart").get_config(
         _arg(stage=method, teacher=teacher if method == "amd" else "", runlocal=smoke))
   else:
-    c = load_config_module("distill_fmnist").get_config(_arg(method=method, teacher=teacher, runlocal=smoke))
+    c = load_config_module("distill_fmnist").get_config(
+        _arg(method=method, teacher=teacher, runlocal=smoke, teacher_decoder_depth=teacher_decoder_depth))
   c.seed = seed
+  return c
+
+
+def teacher_config(epochs: float, decoder_depth: int, smoke: bool):
+  c = load_config_module("quickstart").get_config(_arg(stage="teacher", runlocal=smoke))
+  if not smoke:
+    c.num_epochs = float(epochs)
+  c.decoder.depth = decoder_depth
   return c
 
 
@@ -77,15 +89,17 @@ def finetune(student_workdir: str, workdir: str, *, seed: int, epochs: float, sm
 # ------------------------------------------------------------------------------------------ the study
 
 
-def run_teacher(workdir: str, smoke: bool) -> dict:
+def run_teacher(workdir: str, args) -> dict:
   done = os.path.join(workdir, "study.json")
   if os.path.isfile(done):
     with open(done) as f:
       return json.load(f)
-  config = load_config_module("quickstart").get_config(_arg(stage="teacher", runlocal=smoke))
+  config = teacher_config(args.teacher_epochs, args.teacher_decoder_depth, args.smoke)
   t0 = time.perf_counter()
   final = {k: float(v) for k, v in loop.run(config, workdir).items() if isinstance(v, (int, float))}
   final["wall_seconds"] = time.perf_counter() - t0
+  final["epochs"] = float(config.num_epochs)
+  final["decoder_depth"] = int(config.decoder.depth)
   with open(done, "w") as f:
     json.dump(final, f, indent=2, sort_keys=True)
   return final
@@ -96,7 +110,7 @@ def run_student(method: str, seed: int, teacher: str, workdir: str, args) -> dic
   if os.path.isfile(done):
     with open(done) as f:
       return json.load(f)
-  config = student_config(method, teacher, seed, args.smoke)
+  config = student_config(method, teacher, seed, args.smoke, args.teacher_decoder_depth)
   t0 = time.perf_counter()
   final = loop.run(config, workdir)
   result = {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}
@@ -117,21 +131,63 @@ def mean_spread(values) -> str:
   return f"{np.mean(values):.4f} ± {spread:.4f}"
 
 
-def format_table(results: dict, teacher: dict | None) -> str:
-  rows = ["| method | seeds | kNN top-1 | linear probe top-1 | fine-tune top-1 | pre-training loop (min) | "
+def run_controls(workdir: str, smoke: bool) -> dict:
+  """Untrained student architecture and raw pixels through the students' probes (cached in controls.json)."""
+  done = os.path.join(workdir, "controls.json")
+  if os.path.isfile(done):
+    with open(done) as f:
+      return json.load(f)
+  from amd_jax import quickstart  # pylint: disable=g-import-not-at-top
+  controls = quickstart.run_controls(load_config_module("quickstart"), smoke)
+  controls = {name: {k: float(v) for k, v in r.items() if isinstance(v, (int, float))}
+              for name, r in controls.items()}
+  with open(done, "w") as f:
+    json.dump(controls, f, indent=2, sort_keys=True)
+  return controls
+
+
+def format_table(results: dict, teacher: dict | None, controls: dict | None) -> str:
+  rows = ["| encoder | seeds | kNN top-1 | linear probe top-1 | fine-tune top-1 | pre-training loop (min) | "
           "whole run (min) |", "|---|---|---|---|---|---|---|"]
   for method, runs in results.items():
-    get = lambda k: [r.get(k) for r in runs]
+    if not runs:
+      continue
+    get = lambda k, runs=runs: [r.get(k) for r in runs]
     train_min = np.mean([r.get("train_seconds", np.nan) for r in runs]) / 60
     whole_min = np.mean([r["pretrain_wall_seconds"] + r["finetune_seconds"] for r in runs]) / 60
-    rows.append(f"| {NAMES[method]} | {len(runs)} | {mean_spread(get('knn_top1'))} | "
+    rows.append(f"| student, {NAMES[method]} | {len(runs)} | {mean_spread(get('knn_top1'))} | "
                 f"{mean_spread(get('linear_probe_top1'))} | {mean_spread(get('finetune_top1'))} | "
                 f"{train_min:.2f} | {whole_min:.2f} |")
   if teacher is not None:
-    rows.append(f"| teacher MAE (128 wide, 1 seed) | 1 | {teacher.get('knn_top1', float('nan')):.4f} | "
+    rows.append(f"| teacher MAE (128 wide, {teacher.get('epochs', float('nan')):g} epochs, decoder "
+                f"{teacher.get('decoder_depth', 1)} deep) | 1 | {teacher.get('knn_top1', float('nan')):.4f} | "
                 f"{teacher.get('linear_probe_top1', float('nan')):.4f} | - | "
                 f"{teacher.get('train_seconds', float('nan')) / 60:.2f} | {teacher['wall_seconds'] / 60:.2f} |")
+  for name, r in (controls or {}).items():
+    rows.append(f"| control: {name} | - | {r['knn_top1']:.4f} | {r['linear_probe_top1']:.4f} | - | - | - |")
   return "\n".join(rows)
+
+
+def write_results(args, seeds: int, teacher: str, teacher_result, controls, results, t0: float) -> str:
+  table = format_table(results, teacher_result, controls)
+  budget = ("smoke (runlocal: 8 pre-training steps, probes on 1,024 train features, 8 fine-tuning steps, 512 test "
+            "images)" if args.smoke else
+            "students: 2 epochs of Fashion-MNIST train (60k), batch 256, the quickstart optimizer; probes on 20,000 "
+            f"train features, 10,000 test; fine-tuning {args.finetune_epochs:g} epoch(s), batch 256")
+  finished = sum(len(r) for r in results.values())
+  text = (f"Distillation study on Fashion-MNIST: {seeds} seed(s) per method planned, {finished} run(s) finished; "
+          f"mean ± sample std over the finished seeds; teacher {teacher}.\n"
+          f"Budget: {budget}. Device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+          f"{os.cpu_count()} CPU cores. This invocation: {(time.perf_counter() - t0) / 60:.1f} min.\n"
+          "'pre-training loop' is the compiled training loop only; 'whole run' adds compilation, the frozen-feature "
+          "evaluation and the fine-tuning. Distillation runs exclude the teacher's own pre-training (teacher row).\n\n"
+          f"{table}\n")
+  with open(os.path.join(args.workdir, "results.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(args.workdir, "results.json"), "w") as f:
+    json.dump({"teacher": teacher_result, "controls": controls, "runs": results}, f, indent=2, sort_keys=True,
+              default=float)
+  return text
 
 
 def main(argv=None):
@@ -140,7 +196,10 @@ def main(argv=None):
   parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
   parser.add_argument("--seeds", type=int, default=0, help="seeds per method (default 3; 2 with --smoke)")
   parser.add_argument("--teacher", default="", help="an existing teacher MAE workdir (default: train one)")
-  parser.add_argument("--finetune_epochs", type=float, default=3.0)
+  parser.add_argument("--teacher_epochs", type=float, default=15.0)
+  parser.add_argument("--teacher_decoder_depth", type=int, default=2,
+                      help="decoder blocks of the teacher MAE (also tells G2SD which teacher decoder block to read)")
+  parser.add_argument("--finetune_epochs", type=float, default=1.0)
   parser.add_argument("--smoke", action="store_true", help="every stage for a few steps (runlocal configs)")
   args = parser.parse_args(argv)
   methods = [m for m in args.methods.split(",") if m]
@@ -157,27 +216,14 @@ def main(argv=None):
   teacher = args.teacher
   if not teacher:
     teacher = os.path.join(args.workdir, "teacher")
-    teacher_result = run_teacher(teacher, args.smoke)
-  results = {}
-  for method in methods:
-    results[method] = [run_student(method, seed, teacher, os.path.join(args.workdir, method, f"seed{seed}"), args)
-                       for seed in range(seeds)]
-
-  table = format_table(results, teacher_result)
-  budget = ("smoke (runlocal: 8 pre-training steps, probes on 1,024 train features, 5 fine-tuning steps, 512 test "
-            "images)" if args.smoke else
-            "students: 2 epochs of Fashion-MNIST train (60k), batch 256, the quickstart optimizer; probes on 20,000 "
-            f"train features, 10,000 test; fine-tuning {args.finetune_epochs:g} epochs, batch 256")
-  text = (f"Distillation study on Fashion-MNIST: {seeds} seed(s) per method, mean ± sample std; teacher {teacher}.\n"
-          f"Budget: {budget}. Device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
-          f"{os.cpu_count()} CPU cores. This invocation: {(time.perf_counter() - t0) / 60:.1f} min.\n"
-          "'pre-training loop' is the compiled training loop only; 'whole run' adds compilation, the frozen-feature "
-          "evaluation and the fine-tuning. Distillation runs exclude the teacher's own pre-training (last row).\n\n"
-          f"{table}\n")
-  with open(os.path.join(args.workdir, "results.md"), "w") as f:
-    f.write(text)
-  with open(os.path.join(args.workdir, "results.json"), "w") as f:
-    json.dump({"teacher": teacher_result, "runs": results}, f, indent=2, sort_keys=True, default=float)
+    teacher_result = run_teacher(teacher, args)
+  controls = run_controls(args.workdir, args.smoke)
+  results = {m: [] for m in methods}
+  for seed in range(seeds):  # seed-major: a partial study already has every method
+    for method in methods:
+      results[method].append(run_student(method, seed, teacher, os.path.join(args.workdir, method, f"seed{seed}"),
+                                         args))
+      text = write_results(args, seeds, teacher, teacher_result, controls, results, t0)
   print("\n" + text, flush=True)
 
 

@@ -24,6 +24,7 @@ with the date, the machine, the load and the command.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import os
@@ -32,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -49,7 +51,7 @@ DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "b
 # ------------------------------------------------------------------------------------------------ machine
 def machine_description() -> str:
   """CPU model and core count from /proc/cpuinfo, plus the JAX device kind."""
-  model, cores = platform.processor() or "unknown CPU", os.cpu_count()
+  model, cores = platform.processor() or "unknown CPU", len(os.sched_getaffinity(0))
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
@@ -59,7 +61,7 @@ def machine_description() -> str:
   except OSError:
     pass
   dev = jax.devices()[0]
-  return f"{model}, {cores} cores visible; JAX {jax.__version__} on {dev.platform} ({dev.device_kind})"
+  return f"{model}, {cores} usable cores; JAX {jax.__version__} on {dev.platform} ({dev.device_kind})"
 
 
 def load_average() -> str:
@@ -264,7 +266,16 @@ def bf16_supported() -> bool:
 # ------------------------------------------------------------------------------------------------ measurement
 def measure(bench: StepBench, *, warmup: int, steps: int, repeats: int, matmul_n: int, bf16: bool = True,
             quiet_timeout: float = 0.0) -> dict:
-  """Interleaved rounds of (steps, f32 matmul, bf16 matmul); medians and per-round MFU."""
+  """Interleaved rounds of (steps, f32 matmul, bf16 matmul); medians and per-round MFU.
+
+  Each round's matmul rate is the median of 5 runs (not the best one): on a shared
+  machine the step and the matmul then see the same kind of load. repeats=0 only compiles.
+  """
+  if repeats == 0:
+    return {"step_s": float("nan"), "step_s_all": [], "examples_per_s": float("nan"), "tflops": float("nan"),
+            "compile_s": bench.compile_s, "lower_s": bench.lower_s, "peak_gib": bench.peak_bytes() / 2**30,
+            "load": load_average(), "runnable": [], "loss": float("nan"), "peak_f32_tflops": float("nan"),
+            "mfu_f32": float("nan")}
   peaks = {"f32": MatmulPeak(matmul_n, jnp.float32)}
   if bf16 and bf16_supported():
     peaks["bf16"] = MatmulPeak(matmul_n, jnp.bfloat16)
@@ -280,7 +291,7 @@ def measure(bench: StepBench, *, warmup: int, steps: int, repeats: int, matmul_n
     step_times.append(t)
     achieved = bench.flops_per_step / t
     for k, p in peaks.items():
-      v = max(p.measure() for _ in range(2))
+      v = statistics.median(p.measure() for _ in range(5))
       peak_values[k].append(v)
       mfu[k].append(achieved / v)
   loads.append(load_average())
@@ -326,6 +337,87 @@ def run_config(config, *, name: str, warmup: int, steps: int, repeats: int, matm
   return r
 
 
+# ------------------------------------------------------------------------------------------------ before / after
+LEGACY_PARTS = ("gelu", "attention", "patch_embed", "dense")
+
+
+@contextlib.contextmanager
+def legacy_formulations(parts=LEGACY_PARTS):
+  """Trace models as amd_jax wrote them before its CPU speed work, to measure that work's effect.
+
+  Inside the context, for each of `parts`: 'gelu' through jax.nn.gelu (erfc form), 'attention'
+  through jax.nn.dot_product_attention, 'dense' layers on [B, N, in] inputs, and 'patch_embed'
+  as a strided convolution over every token followed by a gather of the kept ones. The
+  parameters (names, shapes, init) and the maths are the same; only the formulation differs.
+  """
+  unknown = set(parts) - set(LEGACY_PARTS)
+  if unknown:
+    raise ValueError(f"unknown legacy parts {sorted(unknown)}; allowed: {', '.join(LEGACY_PARTS)}")
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from amd_jax.models import posemb, vit  # pylint: disable=g-import-not-at-top
+
+  class ConvPatchEmbed(nn.Module):
+    width: int
+    patch_size: int
+    tubelet_size: int = 0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+      kernel = ((self.tubelet_size,) if self.tubelet_size else ()) + (self.patch_size, self.patch_size)
+      init = nn.initializers.xavier_uniform(in_axis=tuple(range(len(kernel) + 1)), out_axis=-1)
+      y = nn.Conv(self.width, kernel, strides=kernel, padding="VALID", kernel_init=init, dtype=self.dtype,
+                  name="proj")(x.astype(self.dtype))
+      return y.reshape(y.shape[0], -1, self.width)
+
+  def embed(self, inputs, keep=None):
+    tubelet = self.tubelet_size if inputs.ndim == 5 else 0
+    grid = vit.token_grid(inputs.shape[1:], self.patch_size, tubelet)
+    x = ConvPatchEmbed(self.width, self.patch_size, tubelet, self.dtype, name="patch_embed")(inputs)
+    x = x.astype(jnp.float32) + jnp.asarray(posemb.make_table(self.pos_emb, self.width, grid.shape, False))[None]
+    if keep is not None:
+      x = vit.gather_tokens(x, keep)
+    if self.cls_token:
+      cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+    return x
+
+  saved = (vit.gelu_exact, vit.attention_per_head, vit.Dense, vit.Encoder.embed)
+  if "gelu" in parts:
+    vit.gelu_exact = lambda x: nn.gelu(x, approximate=False)
+  if "attention" in parts:
+    vit.attention_per_head = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
+  if "dense" in parts:
+    vit.Dense = nn.Dense
+  if "patch_embed" in parts:
+    vit.Encoder.embed = embed
+  try:
+    yield
+  finally:
+    vit.gelu_exact, vit.attention_per_head, vit.Dense, vit.Encoder.embed = saved
+
+
+def compare_legacy(config, *, warmup: int, steps: int, repeats: int, quiet_timeout: float = 0.0,
+                   parts=LEGACY_PARTS) -> dict:
+  """Interleaved rounds of the legacy-formulation step and the current one; ratio current / legacy."""
+  with legacy_formulations(parts):
+    old = StepBench(config)
+  new = StepBench(config)
+  for _ in range(warmup):
+    old.step()
+    new.step()
+  rounds = []
+  for _ in range(repeats):
+    wait_quiet(timeout_s=quiet_timeout)
+    busy = runnable_tasks()
+    t_old = statistics.median(old.step() for _ in range(steps))
+    t_new = statistics.median(new.step() for _ in range(steps))
+    rounds.append((t_old, t_new, busy))
+  return {"legacy_s": statistics.median(r[0] for r in rounds), "current_s": statistics.median(r[1] for r in rounds),
+          "ratio": statistics.median(r[1] / r[0] for r in rounds), "rounds": rounds,
+          "compile_legacy_s": old.lower_s + old.compile_s, "compile_current_s": new.lower_s + new.compile_s}
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 if __name__ == "__main__":
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
@@ -337,6 +429,9 @@ if __name__ == "__main__":
   _MATMUL = flags.DEFINE_integer("matmul_n", 2048, "size of the square matmul that measures the peak")
   _OUT = flags.DEFINE_string("out", DOCS, "markdown file to append the table to ('' : print only)")
   _NAME = flags.DEFINE_string("name", "", "row label (default: the config argument)")
+  _LEGACY = flags.DEFINE_string("compare_legacy", "", "instead: time the step against the same step traced with "
+                                "the formulations amd_jax used before its CPU speed work (legacy_formulations): "
+                                f"'all' or comma-separated parts of {','.join(LEGACY_PARTS)}")
   _QUIET = flags.DEFINE_float("quiet_timeout", 0.0, "seconds to wait, before each round, for the other users of "
                               "the machine to go quiet (0: start at once)")
   flags.mark_flags_as_required(["config"])
@@ -346,6 +441,22 @@ if __name__ == "__main__":
     config = _CONFIG.value
     name = _NAME.value or flags.FLAGS["config"].serialize().split("=", 1)[-1]
     print(f"load before: {load_average()}", flush=True)
+    if _LEGACY.value:
+      load0 = load_average()
+      parts = LEGACY_PARTS if _LEGACY.value == "all" else tuple(_LEGACY.value.split(","))
+      r = compare_legacy(config, warmup=_WARMUP.value, steps=_STEPS.value, repeats=_REPEATS.value,
+                         quiet_timeout=_QUIET.value, parts=parts)
+      text = "\n".join([
+          "| run | legacy parts | batch | legacy step s | current step s | ratio current / legacy | compile s (legacy, "
+          "current) | load before -> after |", "|---|---|---|---|---|---|---|---|",
+          f"| {name} | {'+'.join(parts)} | {config.batch_size} | {r['legacy_s']:.4f} | {r['current_s']:.4f} | **{r['ratio']:.3f}** | "
+          f"{r['compile_legacy_s']:.1f}, {r['compile_current_s']:.1f} | {load0} -> {load_average()} |"])
+      print(text)
+      rounds = "; ".join(f"{a:.4f} / {b:.4f} (runnable {c})" for a, b, c in r["rounds"])
+      print("rounds (legacy / current):", rounds)
+      append_markdown(f"Before / after the CPU formulations: {name}", text, command_line(), _OUT.value,
+                      notes=f"Rounds (legacy / current step s): {rounds}.")
+      return
     r = run_config(config, name=name, warmup=_WARMUP.value, steps=_STEPS.value, repeats=_REPEATS.value,
                    matmul_n=_MATMUL.value, quiet_timeout=_QUIET.value)
     text = table([(name, r)])

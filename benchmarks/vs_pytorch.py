@@ -26,7 +26,7 @@ The JAX side is benchmarks/step.StepBench: the loop's own compiled step.
 
 Timing: rounds of (PyTorch steps, JAX steps), each side's median step time per round; the
 ratio JAX / PyTorch is taken per round and its median reported (< 1: amd_jax is faster).
-float32 on both sides; torch.set_num_threads(os.cpu_count()).
+float32 on both sides; torch.set_num_threads(the cores this process may run on).
 
   python benchmarks/vs_pytorch.py --cases quickstart_mae,quickstart_amd,small_mae_b256,small_mae_b32
   python benchmarks/vs_pytorch.py --cases official_videomae,official_amd --steps 2 --repeats 3
@@ -446,7 +446,7 @@ def main():
   parser.add_argument("--quiet_timeout", type=float, default=0.0,
                       help="seconds to wait before each round for the machine's other users to go quiet")
   args = parser.parse_args()
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(len(os.sched_getaffinity(0)))   # all usable cores (fewer under taskset)
   variants = args.torch_attention.split(",")
   results = []
   for name in args.cases.split(","):

@@ -33,7 +33,7 @@ from amd_jax.models.decoders import MaskedTokenDecoder
 
 
 def _projection(width: int, dtype) -> nn.Dense:
-  return nn.Dense(width, use_bias=False, kernel_init=vit.dense_init, dtype=dtype)
+  return vit.Dense(width, use_bias=False, kernel_init=vit.dense_init, dtype=dtype)
 
 
 class AMD(MAE):
@@ -237,7 +237,6 @@ class AMD(MAE):
 
   def flops_per_example(self, example_batch):
     x = example_batch[self.input_key()]
-    g = self.grid(x)
     spec = self.mask_spec(x)
     ks = masking.num_visible(spec, self.config.mask.ratio)
     kt = masking.num_visible(spec, self.config.teacher.mask_ratio)
@@ -246,7 +245,7 @@ class AMD(MAE):
     t = self.config.teacher.model
     student = base + n * flops.linear_flops(ks, self.student.width, tw) * (1 if self.config.amd.shared_heads else 2)
     student += n * flops.stack_flops(kt, tw, self.config.amd.generator_depth)
-    teacher = flops.linear_flops(g.num_tokens, self.patch_dim(x), tw)
+    teacher = flops.linear_flops(kt, self.patch_dim(x), tw)   # only the teacher's tokens are embedded
     teacher += flops.stack_flops(kt + int(t.cls_token), tw, max(self.teacher_layers), t.mlp_ratio)
     return {"student": student, "teacher": teacher}
 

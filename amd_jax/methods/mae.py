@@ -146,7 +146,7 @@ class MAE(Method):
     patch_dim = targets.patchify(jnp.zeros((1,) + x.shape[1:]), enc.patch_size,
                                  enc.tubelet_size if x.ndim == 5 else 0).shape[-1]
     linear_flops = flops.linear_flops
-    total = linear_flops(g.num_tokens, patch_dim, enc.width)
+    total = linear_flops(keep, patch_dim, enc.width)   # only the visible patches are embedded
     total += flops.stack_flops(n_enc, enc.width, enc.depth, enc.mlp_ratio)
     total += linear_flops(n_enc, enc.width, d.width)
     total += flops.stack_flops(g.num_tokens + int(enc.cls_token), d.width, d.depth, d.mlp_ratio)
