@@ -76,6 +76,8 @@ def data_config() -> ml_collections.ConfigDict:
       crop_scale_min=0.2,      # random resized crop (images)
       crop_scale_max=1.0,
       hflip=True,
+      eval_crop_ratio=1.0,     # image eval view: centre crop_ratio of the shorter side, resized to image_size
+                               # (1: whole shorter side; 0.875: MAE/DeiT's resize 256, crop 224)
       multiscale_scales="1,0.875,0.75,0.66",  # video multi-scale crop
       # Fine-tuning augmentation (amd_jax/data/augment.py); the defaults leave it off.
       train_crop="default",    # default: images RRC, videos multi-scale crop | rrc: RRC for videos too

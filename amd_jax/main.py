@@ -50,6 +50,18 @@ def main(argv):
     _stop(str(e), e.exit_code)
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a misspelt --config.x.y override ending in one line instead of a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:   # ml_collections: the override names no config field
+    inner = e.args[0] if e.args else e
+    detail = (inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)).replace("\n", "; ")
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    _stop(f"configuration error: unknown config field in {', '.join(overrides) or 'the overrides'}: {detail}",
+          EXIT_CODES["config"])
+
+
 def _stop(message: str, code: int):
   """End with `message` on stderr and exit status `code` (see EXIT_CODES), no traceback."""
   logging.error("%s", message)
@@ -59,4 +71,4 @@ def _stop(message: str, code: int):
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

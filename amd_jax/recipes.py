@@ -299,7 +299,8 @@ def finetune_image(variant: str, method: str = "finetune"):
   r = IMAGE_FINETUNE[variant]
   c = with_method_fields(config_base.base_config(), method)
   _imagenet(c, crop_scale_min=0.08)
-  c.data.update(randaugment="rand-m9-mstd0.5-inc1", random_erase=0.25)
+  # eval: resize 256, centre crop 224 (crop ratio 0.875), as the official eval transform.
+  c.data.update(randaugment="rand-m9-mstd0.5-inc1", random_erase=0.25, eval_crop_ratio=0.875)
   image_model(c.model, variant)
   return _finetune_common(c, base_lr=r["base_lr"], layer_decay=r["layer_decay"], epochs=r["epochs"],
                           batch_size=1024)

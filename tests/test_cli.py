@@ -86,8 +86,10 @@ def test_invalid_override_exits_2_naming_the_field(tmp_path):
 def test_unknown_override_field_is_refused(tmp_path):
   workdir = str(tmp_path / "unknown")
   proc = run_main(workdir, "--config.optim.lrr=1")
-  assert proc.returncode != 0
-  assert "lrr" in proc.stderr
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "unknown config field in --config.optim.lrr" in proc.stderr
+  assert 'Did you mean "lr"' in proc.stderr   # ml_collections' suggestion is kept
+  assert "Traceback" not in proc.stderr
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
 

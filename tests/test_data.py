@@ -390,6 +390,27 @@ def test_eval_pads_masks_and_covers_every_example_once(max_examples):
                              (src[2]["image"] / 255 - 0.5) / 0.25, rtol=1e-5, atol=1e-6)
 
 
+def test_eval_crop_ratio_takes_the_centre_of_the_shorter_side():
+  """0.875 (MAE/DeiT's resize 256, crop 224): the centred square of 7/8 of the shorter side, resized."""
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)
+  got = transforms.eval_image(image, size=16, crop_ratio=0.875)
+  # 0.875 * 40 = 35 pixels, centred: rows 2..37, columns 14..49 (PIL box = left, top, right, bottom).
+  resize = lambda box: np.asarray(Image.fromarray(image).resize((16, 16), Image.BICUBIC, box=box))
+  np.testing.assert_array_equal(got, resize((14, 2, 49, 37)))
+  # ratio 1 keeps the whole shorter side (the default view), and differs from the 0.875 crop.
+  whole = transforms.eval_image(image, size=16)
+  np.testing.assert_array_equal(whole, resize((12, 0, 52, 40)))
+  assert not np.array_equal(whole, got)
+  # Through the eval pipeline: the config field reaches the view.
+  c = synthetic_cfg(size=6)
+  c.eval_crop_ratio = 0.5
+  src = sources.make_source(c, "test")
+  first = take(pipeline.make_eval_dataset(c, split="test", batch_size=2), 1)[0]
+  view = transforms.eval_image(src[1]["image"], size=c.image_size, crop_ratio=0.5)
+  np.testing.assert_allclose(first["image"][1], (view / 255 - 0.5) / 0.25, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -403,6 +424,8 @@ BAD_FIELDS = [
     ("crop_scale_min", 0.0),
     ("crop_scale_max", 1.5),
     ("crop_scale_min", 0.9),  # > crop_scale_max below
+    ("eval_crop_ratio", 0.0),
+    ("eval_crop_ratio", 1.2),
     ("num_frames", 0),
     ("sampling_rate", 0),
     ("multiscale_scales", "1,0"),

@@ -106,9 +106,9 @@ def _check_fields(c) -> None:
   std = _check_floats(c, "std", c.channels)
   if any(s <= 0 for s in std):
     _fail("std", c.std, "every std must be > 0")
-  for field in ("crop_scale_min", "crop_scale_max"):
+  for field in ("crop_scale_min", "crop_scale_max", "eval_crop_ratio"):
     if not 0 < c[field] <= 1:
-      _fail(field, c[field], "crop scales must lie in (0, 1]")
+      _fail(field, c[field], "crop scales and ratios must lie in (0, 1]")
   if c.crop_scale_min > c.crop_scale_max:
     _fail("crop_scale_min", c.crop_scale_min,
           f"must be <= config.data.crop_scale_max={c.crop_scale_max}")
@@ -294,10 +294,14 @@ class EvalView:
   def __init__(self, data_cfg):
     self.key = data_key(data_cfg)
     self.size = data_cfg.image_size
+    self.crop_ratio = float(data_cfg.get("eval_crop_ratio", 1.0))
 
   def __call__(self, index: int, element):
-    view = transforms.eval_clip if self.key == "video" else transforms.eval_image
-    return {self.key: view(element[self.key], size=self.size), "label": element["label"],
+    if self.key == "video":
+      view = transforms.eval_clip(element[self.key], size=self.size)
+    else:
+      view = transforms.eval_image(element[self.key], size=self.size, crop_ratio=self.crop_ratio)
+    return {self.key: view, "label": element["label"],
             "mask": np.bool_(True), "index": np.int32(index)}
 
 

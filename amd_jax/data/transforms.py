@@ -113,20 +113,24 @@ def centre_crop_box(height: int, width: int, crop_h: int, crop_w: int) -> tuple[
   return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def resize_shorter_centre_crop(image: np.ndarray, size: int, resample: int = Image.BICUBIC) -> np.ndarray:
-  """Eval view: shorter side to `size`, then the centred size x size square.
+def resize_shorter_centre_crop(image: np.ndarray, size: int, resample: int = Image.BICUBIC,
+                               crop_ratio: float = 1.0) -> np.ndarray:
+  """Eval view: shorter side to `size / crop_ratio`, then the centred size x size square.
 
-  Done as one crop+resize: the centred square of side min(H, W) resized to
-  `size` is exactly that (the aspect is kept, only the overhang is cut). A
-  square input (Fashion-MNIST 28 -> 32) is just resized.
+  Done as one crop+resize: the centred square of side crop_ratio * min(H, W)
+  resized to `size` is exactly that (the aspect is kept, only the border is
+  cut). crop_ratio 1: a square input (Fashion-MNIST 28 -> 32) is just resized;
+  0.875: the ImageNet eval view of MAE/DeiT (resize 256, centre crop 224).
   """
-  side = min(image.shape[0], image.shape[1])
+  if not 0.0 < crop_ratio <= 1.0:
+    raise ValueError(f"eval crop_ratio={crop_ratio}: expected a fraction in (0, 1]")
+  side = max(1, int(round(min(image.shape[0], image.shape[1]) * crop_ratio)))
   box = centre_crop_box(image.shape[0], image.shape[1], side, side)
   return crop_resize(image, box, size, resample)
 
 
-def eval_image(image: np.ndarray, *, size: int) -> np.ndarray:
-  return resize_shorter_centre_crop(image, size, Image.BICUBIC)
+def eval_image(image: np.ndarray, *, size: int, crop_ratio: float = 1.0) -> np.ndarray:
+  return resize_shorter_centre_crop(image, size, Image.BICUBIC, crop_ratio)
 
 
 # ----------------------------------------------------------------------- video
