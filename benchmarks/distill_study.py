@@ -127,8 +127,9 @@ def mean_spread(values) -> str:
   values = [v for v in values if v is not None and np.isfinite(v)]
   if not values:
     return "-"
-  spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
-  return f"{np.mean(values):.4f} ± {spread:.4f}"
+  if len(values) == 1:
+    return f"{values[0]:.4f} (1 seed)"
+  return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
 def run_controls(workdir: str, smoke: bool) -> dict:
