@@ -5,7 +5,7 @@
 
 What it does, all through amd_jax.train.loop.run and amd_jax.probe (as amd_jax/quickstart.py does):
 1. the teacher: configs/quickstart.py `stage=teacher` (a 128-wide 4-deep MAE) trained for --teacher_epochs
-   (default 15, the quickstart's 3 do not beat raw pixels) with a decoder of --teacher_decoder_depth blocks
+   (default 30: the quickstart's 3 do not beat raw pixels, 15 beat them on the linear probe only) with a decoder of --teacher_decoder_depth blocks
    (default 2) in WORKDIR/teacher, or an existing teacher workdir given by --teacher;
    then the two controls (the student architecture untrained, raw pixels) through the same probes;
 2. for every method and seed, a student with the quickstart's budget (64 wide, 4 deep, batch 256,
@@ -197,7 +197,7 @@ def main(argv=None):
   parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
   parser.add_argument("--seeds", type=int, default=0, help="seeds per method (default 3; 2 with --smoke)")
   parser.add_argument("--teacher", default="", help="an existing teacher MAE workdir (default: train one)")
-  parser.add_argument("--teacher_epochs", type=float, default=15.0)
+  parser.add_argument("--teacher_epochs", type=float, default=30.0)
   parser.add_argument("--teacher_decoder_depth", type=int, default=2,
                       help="decoder blocks of the teacher MAE (also tells G2SD which teacher decoder block to read)")
   parser.add_argument("--finetune_epochs", type=float, default=1.0)
