@@ -294,7 +294,7 @@ class EvalView:
   def __init__(self, data_cfg):
     self.key = data_key(data_cfg)
     self.size = data_cfg.image_size
-    self.crop_ratio = float(data_cfg.get("eval_crop_ratio", 1.0))
+    self.crop_ratio = float(data_cfg.eval_crop_ratio)
 
   def __call__(self, index: int, element):
     if self.key == "video":
