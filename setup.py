@@ -6,7 +6,9 @@ INSTALL_REQUIRES = [
     "flax>=0.10",
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11",
-    "tensorflow-datasets>=4.9",
+    # Files: local paths and gs:// URLs through etils.epath (gcsfs serves gs:// without TensorFlow).
+    "etils[epath]>=1.7",
+    "gcsfs>=2024.2",
     "grain>=0.2.10",
     "ml_collections>=1.0",
     "clu>=0.0.12",
@@ -15,16 +17,22 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "pillow>=10",
     "av>=12",  # PyAV: video decoding with FFmpeg bundled in the wheel.
-    # clu's TensorBoard writer is tf.summary based; tfds also uses TensorFlow for
-    # some builders. The CPU build is enough: JAX owns the accelerators.
-    "tensorflow-cpu>=2.16",
-    "tensorboard>=2.16",
+    # TensorBoard event files without TensorFlow.
+    "tensorboardX>=2.6",
     "tqdm>=4.66",
     "absl-py>=2.1",
-    "importlib_resources",  # tfds needs it to prepare datasets
 ]
 
+JAX_VERSION = "0.10.2"   # the version the [tpu] / [cuda12] extras pin (libtpu / CUDA plugins match it)
+
 EXTRAS = {
+    # tfds data sources (config.data.source='tfds'): tensorflow-datasets reads prepared data sets with
+    # TensorFlow's help.
+    "tfds": ["tensorflow-datasets>=4.9", "tensorflow>=2.16", "importlib_resources"],
+    # TPU VMs: jax with the matching libtpu. Also compiles for TPU topologies on any host (amd_jax.aot).
+    "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+    # NVIDIA GPUs with CUDA 12 (drivers from the system; CUDA libraries from pip).
+    "cuda12": [f"jax[cuda12]=={JAX_VERSION}"],
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.5",
@@ -40,6 +48,11 @@ EXTRAS = {
         "nbclient>=0.10",
         "nbformat>=5.10",
         "ipykernel>=6.29",
+        # A real Google Cloud Storage API served locally (tests/conftest.py), and a client to list it.
+        "gcp-storage-emulator>=2024.8",
+        "google-cloud-storage>=2.14",
+        # Reading TensorBoard event files back.
+        "tensorboard>=2.16",
     ],
     "torch": ["torch", "safetensors>=0.4"],
 }
