@@ -24,6 +24,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 BUCKET = "amd-jax-tests"
+# Read by gcsfs when it is first imported (see GcsEmulator.env), which may be before any `gcs` fixture runs.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def pytest_configure(config):
@@ -70,7 +72,10 @@ class GcsEmulator:
         # No metadata server here: don't let google-auth wait for one.
         "GCE_METADATA_HOST": "127.0.0.1:9",
         "GCE_METADATA_IP": "127.0.0.1:9",
-        "NO_GCE_CHECK": "True",
+        "NO_GCE_CHECK": "true",
+        # gcsfs's experimental zonal / hierarchical-namespace support asks the Storage Control API (which no
+        # emulator serves) for every bucket's layout, at every call that misses its cache.
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(self.port),
