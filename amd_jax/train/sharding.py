@@ -213,3 +213,8 @@ def to_host(tree):
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
   return jax.tree.map(one, tree)
+
+
+def unbox(tree):
+  """The plain arrays (or ShapeDtypeStructs) of a tree whose leaves may carry flax partitioning metadata."""
+  return nn.meta.unbox(tree)
