@@ -71,8 +71,8 @@ def data_config() -> ml_collections.ConfigDict:
       channels=1,              # 1 for Fashion-MNIST, 3 for RGB sources
       num_frames=16,           # video only
       sampling_rate=4,         # video only: stride between sampled frames
-      mean="0.2860",           # per-channel, comma-separated
-      std="0.3530",
+      mean="0.2860",           # per-channel, comma-separated; 'auto': measured from the training split once
+      std="0.3530",            # (cached in WORKDIR/data_stats.json); `python -m amd_jax.data.stats` prints them
       crop_scale_min=0.2,      # random resized crop (images)
       crop_scale_max=1.0,
       hflip=True,
@@ -91,7 +91,12 @@ def data_config() -> ml_collections.ConfigDict:
       num_workers=0,           # grain multiprocessing workers; 0 = in-process with thread prefetch
       prefetch=2,
       synthetic_size=512,      # synthetic only: number of examples
-      num_classes=10,
+      num_classes=0,           # 0: inferred (class folders, largest list label + 1, Fashion-MNIST 10, synthetic 10);
+                               # an explicit count that disagrees with the data stops the run
+      cache_max_bytes=1024**3,  # image_folder: hold the decoded images in memory when they fit (per process,
+                               # num_workers=0 only); 0 = always decode from the files
+      max_image_pixels=64_000_000,  # image files larger than this (from the header) are skipped, never decoded;
+                               # 0 = no limit of our own
   ))
 
 

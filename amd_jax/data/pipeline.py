@@ -32,6 +32,15 @@ Training stream (one per process):
   out consecutively, so a batch of B rows holds B / r distinct examples and the
   copies never straddle processes.
 
+Validation (validate_data_config) reads listings, list files and metadata, never
+pixels: every field, that the configured splits exist (a missing eval split is an
+error naming the splits found; config.data.eval_split equal to config.data.split
+evaluates on the training data on purpose, see eval_is_train), the class count
+(num_classes: 0 infers it, an explicit count must agree with the data) and the
+labels of annotation lists. config.data.mean/std 'auto' pass validation but are
+replaced by numbers (amd_jax.data.stats.resolve_normalisation) before a pipeline
+is built.
+
 Evaluation stream: one ordered pass over the split (or its first max_examples),
 split across processes, the last batch padded to full size with a 'mask' field
 (True = real example) and 'index' (the example's index in the source, -1 for
@@ -43,11 +52,14 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NoReturn
 
 from absl import flags
 import grain
 import numpy as np
 
+from amd_jax import errors
+from amd_jax import paths
 from amd_jax.config_base import parse_floats
 from amd_jax.data import augment
 from amd_jax.data import sources
@@ -61,6 +73,9 @@ _MAX_READ_THREADS = 16
 # Sources held in memory are read in the iterating thread: for tiny images the
 # per-element work is ~30 us of Python, and reader threads only fight over the
 # GIL (Fashion-MNIST at 32 px, 2 cores: ~10,700 img/s with none, ~3,000 with 16).
+# An image folder held in memory joins them when its images are small
+# (ImageFolderSource.cheap_reads); larger ones keep the threads, which then
+# crop and resize in parallel (PIL releases the GIL).
 _IN_MEMORY_SOURCES = ("fashion_mnist", "synthetic")
 TRAIN_CROPS = ("default", "rrc")
 # Batch field carrying each example's erasing rectangle from the element
@@ -70,35 +85,50 @@ _ERASE_KEY = "erase_params"
 
 # --------------------------------------------------------------- validation
 
+AUTO = "auto"  # config.data.mean / std: measured from the data (amd_jax.data.stats.resolve_normalisation)
 
-def _fail(field: str, value, allowed: str) -> None:
-  raise ValueError(f"config.data.{field}={value!r} is invalid; {allowed}.")
+
+def _fail(field: str, value, allowed: str) -> NoReturn:
+  errors.fail(f"data.{field}", value, allowed)
 
 
 def _check_floats(data_cfg, field: str, count: int) -> tuple[float, ...]:
   text = data_cfg[field]
+  if text == AUTO:
+    return ()
   try:
     values = parse_floats(text)
   except ValueError:
-    _fail(field, text, "expected comma-separated numbers, e.g. '0.485,0.456,0.406'")
+    _fail(field, text, "expected comma-separated numbers, e.g. '0.485,0.456,0.406', or 'auto' (measured "
+          "from the training split)")
   if len(values) != count:
     _fail(field, text, f"expected {count} comma-separated value(s), one per channel "
-          f"(config.data.channels={data_cfg.channels})")
+          f"(config.data.channels={data_cfg.channels}), or 'auto'")
   return values
+
+
+def normalisation(data_cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) as numbers; 'auto' must have been resolved (amd_jax.data.stats.resolve_normalisation)."""
+  for field in ("mean", "std"):
+    if data_cfg[field] == AUTO:
+      _fail(field, AUTO, "'auto' is resolved into numbers before the pipeline is built: "
+            "amd_jax.data.stats.resolve_normalisation(config.data, workdir) (the training loop does it), "
+            "or give the numbers that `python -m amd_jax.data.stats` prints")
+  return parse_floats(data_cfg.mean), parse_floats(data_cfg.std)
 
 
 def _check_fields(c) -> None:
   """Checks of single fields and their combinations; no file access."""
   if c.source not in sources.SOURCES:
-    _fail("source", c.source, f"allowed: {list(sources.SOURCES)}")
+    _fail("source", c.source, f"allowed: {', '.join(sources.SOURCES)}")
   if c.modality not in MODALITIES:
-    _fail("modality", c.modality, f"allowed: {list(MODALITIES)}")
+    _fail("modality", c.modality, f"allowed: {', '.join(MODALITIES)}")
   allowed = sources.VIDEO_SOURCES if c.modality == "video" else sources.IMAGE_SOURCES
   if c.source not in allowed:
     _fail("modality", c.modality, f"config.data.source={c.source!r} provides "
           f"{'videos' if c.source == 'video_list' else 'images'}; sources for modality "
-          f"{c.modality!r}: {list(allowed)}")
-  if not isinstance(c.image_size, int) or c.image_size < 1:
+          f"{c.modality!r}: {', '.join(allowed)}")
+  if not _is_int(c.image_size) or c.image_size < 1:
     _fail("image_size", c.image_size, "expected an integer >= 1")
   if c.channels not in (1, 3):
     _fail("channels", c.channels, "allowed: 1 (grey) or 3 (RGB)")
@@ -112,9 +142,9 @@ def _check_fields(c) -> None:
   if c.crop_scale_min > c.crop_scale_max:
     _fail("crop_scale_min", c.crop_scale_min,
           f"must be <= config.data.crop_scale_max={c.crop_scale_max}")
-  if not isinstance(c.num_frames, int) or c.num_frames < 1:
+  if not _is_int(c.num_frames) or c.num_frames < 1:
     _fail("num_frames", c.num_frames, "expected an integer >= 1")
-  if not isinstance(c.sampling_rate, int) or c.sampling_rate < 1:
+  if not _is_int(c.sampling_rate) or c.sampling_rate < 1:
     _fail("sampling_rate", c.sampling_rate, "expected an integer >= 1")
   try:
     scales = parse_floats(c.multiscale_scales)
@@ -124,16 +154,23 @@ def _check_fields(c) -> None:
     _fail("multiscale_scales", c.multiscale_scales,
           "expected comma-separated scales in (0, 1], e.g. '1,0.875,0.75,0.66'")
   _check_finetune_fields(c)
-  if c.num_workers < 0:
-    _fail("num_workers", c.num_workers, "expected >= 0 (0: no worker processes)")
-  if c.prefetch < 0:
-    _fail("prefetch", c.prefetch, "expected >= 0")
-  if c.num_classes < 1:
-    _fail("num_classes", c.num_classes, "expected >= 1")
+  if not _is_int(c.num_workers) or c.num_workers < 0:
+    _fail("num_workers", c.num_workers, "expected an integer >= 0 (0: no worker processes)")
+  if not _is_int(c.prefetch) or c.prefetch < 0:
+    _fail("prefetch", c.prefetch, "expected an integer >= 0")
+  if not _is_int(c.num_classes) or c.num_classes < 0:
+    _fail("num_classes", c.num_classes, "expected an integer >= 0 (0: inferred from the data)")
+  if not _is_int(c.cache_max_bytes) or c.cache_max_bytes < 0:
+    _fail("cache_max_bytes", c.cache_max_bytes, "expected an integer >= 0 (0: never hold decoded images "
+          "in memory)")
+  if not _is_int(c.max_image_pixels) or c.max_image_pixels < 0:
+    _fail("max_image_pixels", c.max_image_pixels, "expected an integer >= 0 (0: no limit of its own)")
   if c.source == "synthetic" and c.synthetic_size < 1:
     _fail("synthetic_size", c.synthetic_size, "the synthetic source would be empty; expected >= 1")
-  if c.source == "video_list" and c.video_root and not os.path.isdir(c.video_root):
+  if c.source == "video_list" and c.video_root and not paths.isdir(c.video_root):
     _fail("video_root", c.video_root, "not an existing directory")
+  if c.source == "tfds":
+    sources.import_tfds()  # the one-line message naming the [tfds] extra when it is missing
 
 
 def _is_int(value) -> bool:
@@ -143,7 +180,7 @@ def _is_int(value) -> bool:
 def _check_finetune_fields(c) -> None:
   """The fine-tuning augmentation and multi-view test fields."""
   if c.train_crop not in TRAIN_CROPS:
-    _fail("train_crop", c.train_crop, f"allowed: {list(TRAIN_CROPS)}")
+    _fail("train_crop", c.train_crop, f"allowed: {', '.join(TRAIN_CROPS)}")
   augment.parse_randaugment(c.randaugment)  # raises naming config.data.randaugment
   erase = c.random_erase
   if not isinstance(erase, (int, float)) or isinstance(erase, bool) or not 0 <= erase <= 1:
@@ -158,12 +195,17 @@ def _check_finetune_fields(c) -> None:
             f"{c.modality!r} needs 1")
 
 
+def _video_list(c, split: str, field: str) -> sources.VideoList:
+  return sources.read_video_list(sources.video_list_file(c.path, split, field, c.split), c.video_root)
+
+
 def _check_first_video(c, split: str, field: str) -> None:
   """A wrong video_root shows on the first line already; checking one file is cheap."""
-  entries = sources.parse_video_list(sources.video_list_file(c.path, split, field), c.video_root)
-  if entries and not os.path.isfile(entries[0][0]):
-    raise ValueError(f"config.data.path={c.path!r} lists {entries[0][0]!r}, which does not exist; "
-                     f"check config.data.video_root={c.video_root!r} (prefix of relative paths).")
+  entries = _video_list(c, split, field)
+  if entries.videos and not paths.isfile(entries.videos[0]):
+    raise sources.SourceError(
+        f"config.data.path={c.path!r} lists {entries.videos[0]!r} ({entries.file}:{entries.lines[0]}), "
+        f"which does not exist; check config.data.video_root={c.video_root!r} (prefix of relative paths).")
 
 
 def _split_field(data_cfg, split: str) -> str:
@@ -174,13 +216,30 @@ def _split_field(data_cfg, split: str) -> str:
   return f"split {split!r}"
 
 
+def eval_is_train(data_cfg) -> bool:
+  """True when evaluation reads the training split itself (config.data.eval_split == config.data.split):
+  results measured on it are not held-out numbers, and printed results should say so."""
+  return bool(data_cfg.get("eval_split")) and data_cfg.eval_split == data_cfg.split
+
+
+def num_classes(data_cfg) -> int:
+  """config.data.num_classes resolved: the configured count, or (0) the count the data shows.
+
+  ConfigError when an explicit count disagrees with the data (class folders,
+  Fashion-MNIST, a tfds ClassLabel), or when 0 cannot be inferred (a tfds set
+  without labels). Reads listings and list files only (cached per process).
+  """
+  return sources.resolve_num_classes(data_cfg)
+
+
 def validate_data_config(data_cfg, *, splits: tuple[str, ...] | None = None) -> None:
-  """Raises ValueError naming the field, its value and what is allowed.
+  """Raises ConfigError naming the field, its value and what is allowed.
 
   Cheap enough to run before any compile: headers, folder listings, list files
   and tfds metadata are read, nothing is decoded. `splits` defaults to
   config.data.split and, when not empty, config.data.eval_split (set it to ''
-  when a data set has no eval split).
+  when a data set has no eval split). Also checks config.data.num_classes
+  against the data and the labels of annotation lists against it.
   """
   _check_fields(data_cfg)
   if splits is None:
@@ -189,10 +248,15 @@ def validate_data_config(data_cfg, *, splits: tuple[str, ...] | None = None) -> 
     field = _split_field(data_cfg, split)
     count = sources.count_examples(data_cfg, split, field)
     if count < 1:
-      raise ValueError(f"config.data.source={data_cfg.source!r} at config.data.path="
-                       f"{data_cfg.path!r} has 0 examples in {field}={split!r}; expected >= 1.")
+      raise sources.SourceError(f"config.data.source={data_cfg.source!r} at config.data.path="
+                                f"{data_cfg.path!r} has 0 examples in {field}={split!r}; expected >= 1.")
     if data_cfg.source == "video_list":
       _check_first_video(data_cfg, split, field)
+  classes = num_classes(data_cfg)
+  if data_cfg.source == "video_list":
+    how = " inferred from config.data.split's list" if data_cfg.num_classes == 0 else ""
+    for split in splits:
+      _video_list(data_cfg, split, _split_field(data_cfg, split)).check_labels(classes, how)
 
 
 def num_examples(data_cfg, split: str | None = None) -> int:
@@ -219,7 +283,7 @@ class _TrainTransform:
     self.scale = (float(data_cfg.crop_scale_min), float(data_cfg.crop_scale_max))
     self.hflip = bool(data_cfg.hflip)
     self.randaugment = augment.parse_randaugment(data_cfg.randaugment)
-    self.fill = augment.fill_colour(parse_floats(data_cfg.mean))
+    self.fill = augment.fill_colour(normalisation(data_cfg)[0])
     self.erase_prob = float(data_cfg.random_erase)
     self.copies = int(data_cfg.repeated_aug)
 
@@ -340,8 +404,7 @@ class Normalize:
 
   def __init__(self, data_cfg):
     self.key = data_key(data_cfg)
-    self.mean = parse_floats(data_cfg.mean)
-    self.std = parse_floats(data_cfg.std)
+    self.mean, self.std = normalisation(data_cfg)
 
   def __call__(self, batch):
     return {**batch, self.key: transforms.normalize(batch[self.key], self.mean, self.std)}
@@ -378,9 +441,9 @@ def padding_example(data_cfg) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------- pipelines
 
 
-def _read_options(data_cfg, elements_buffered: int) -> grain.ReadOptions:
+def _read_options(data_cfg, elements_buffered: int, source=None) -> grain.ReadOptions:
   """Reader threads and element buffer of one process (see _IN_MEMORY_SOURCES)."""
-  if data_cfg.source in _IN_MEMORY_SOURCES:
+  if data_cfg.source in _IN_MEMORY_SOURCES or getattr(source, "cheap_reads", False):
     return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   threads = min(_MAX_READ_THREADS, _READ_THREADS_PER_CPU * (os.cpu_count() or 1))
   return grain.ReadOptions(num_threads=threads,
@@ -414,8 +477,8 @@ def _check_process(process_index: int, process_count: int) -> None:
 
 def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f"config.batch_size={global_batch_size} must be a positive multiple of the "
-                     f"number of processes ({process_count}).")
+    errors.fail("batch_size", global_batch_size, f"must be a positive multiple of the number of processes "
+                f"({process_count})")
   return global_batch_size // process_count
 
 
@@ -482,7 +545,7 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
   elements = batch_size // copies  # an element holds all copies of one example
   ds = GlobalBatchRows(ds, global_batch_size // copies,
                        _element_rows(rows, global_batch_size, copies, process_index, batch_size))
-  ds = ds.to_iter_dataset(_read_options(data_cfg, elements * max(1, data_cfg.prefetch)))
+  ds = ds.to_iter_dataset(_read_options(data_cfg, elements * max(1, data_cfg.prefetch), source))
   ds = ds.batch(elements, drop_remainder=True)
   if copies > 1:
     ds = ds.map(MergeCopies())
@@ -521,7 +584,7 @@ def make_eval_dataset(data_cfg, *, split: str, batch_size: int, process_index: i
   if padded > len(ds):
     filler = grain.MapDataset.source([padding_example(data_cfg)] * (padded - len(ds)))
     ds = grain.MapDataset.concatenate([ds, filler]) if len(ds) else filler
-  ds = ds.to_iter_dataset(_read_options(data_cfg, batch_size * max(1, data_cfg.prefetch)))
+  ds = ds.to_iter_dataset(_read_options(data_cfg, batch_size * max(1, data_cfg.prefetch), source))
   if data_cfg.num_workers > 0:
     # Elements, not batches, cross the process boundary here: batching inside
     # workers would split the padded tail into partial batches.
