@@ -14,14 +14,62 @@ Decoding is sequential from the start of the file up to the last frame needed,
 with no seeking. That is simple and exact for the short clips of action
 recognition data sets (Kinetics and Something-Something clips are a few
 seconds); only the needed frames are converted to RGB arrays, which is the
-expensive part.
+expensive part. (decord, the other common decoder, was measured against this:
+it returns the same pixels when it decodes in order, but its seeking returned
+wrong frames on H.264 files with B-frames, and a hang inside it cannot be
+interrupted; see docs/benchmarks.md, "Video decoding".)
+
+Where the bytes come from (`open_video`):
+- a local path is checked before it is opened: anything but a regular file (a
+  FIFO, a directory, a device, a socket) raises NotARegularFile and is never
+  opened, because open() on a FIFO waits for a writer forever. The file is then
+  opened non-blocking and checked once more on the open descriptor, so a path
+  swapped for a FIFO in between is caught too;
+- a URL (gs://...) is read through amd_jax.paths: an object up to
+  MAX_IN_MEMORY_BYTES is fetched whole, in one request, and decoded from memory
+  (clips are a few MB; a temporary file would cost a disk write and a clean-up
+  for nothing, and PyAV reading the remote file object directly would turn its
+  small reads and the seeks of an MP4 index into many requests); a larger object
+  is decoded from the remote file object itself, so memory stays bounded.
+
+Every read has a deadline (`timeout_s`, DEFAULT_TIMEOUT_S): the decoding runs
+in a helper thread that the caller waits for at most timeout_s; past it the
+caller gets VideoTimeout (a skipped file for the sources) and the helper stops
+at its next frame. So one file that decodes very slowly, or a read that blocks
+(a stalled network file system), cannot hang a run.
 """
 from __future__ import annotations
 
-from typing import Callable
+import io
+import os
+import stat
+import threading
+from typing import BinaryIO, Callable, TypeVar
 
 import av
 import numpy as np
+
+from amd_jax import paths
+
+# Seconds one video may take to open and decode before it is skipped. A normal clip takes well under a
+# second (a 720p clip of 16 frames at stride 4: ~0.2 s on one core); a minute means something is wrong.
+DEFAULT_TIMEOUT_S = 60.0
+# Remote objects up to this size are fetched whole and decoded from memory; larger ones are streamed.
+MAX_IN_MEMORY_BYTES = 256 * 2**20
+
+T = TypeVar("T")
+
+
+class NotARegularFile(OSError):
+  """A listed video path that is a FIFO, a directory, a device or a socket: never opened."""
+
+
+class VideoTimeout(TimeoutError):
+  """Opening and decoding a video took longer than its timeout."""
+
+
+class VideoTooLarge(ValueError):
+  """A video whose frames have more pixels than allowed: skipped before any frame is decoded."""
 
 
 def clip_span(num_frames: int, stride: int) -> int:
@@ -84,21 +132,33 @@ def _stream_length(stream) -> int:
   return 0
 
 
-def _decode_all(container, stream) -> list[np.ndarray]:
-  return [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+def _stop_if(cancelled: threading.Event | None) -> None:
+  if cancelled is not None and cancelled.is_set():
+    raise VideoTimeout("the reader gave up waiting for this video")
 
 
-def decode_frames(container, stream, indices: np.ndarray) -> np.ndarray:
+def _decode_all(container, stream, cancelled: threading.Event | None = None) -> list[np.ndarray]:
+  frames = []
+  for frame in container.decode(stream):
+    _stop_if(cancelled)
+    frames.append(frame.to_ndarray(format="rgb24"))
+  return frames
+
+
+def decode_frames(container, stream, indices: np.ndarray,
+                  cancelled: threading.Event | None = None) -> np.ndarray:
   """Decodes sequentially up to max(indices); returns uint8 [len(indices), H, W, 3].
 
   Indices beyond the frames actually decoded (metadata that over-counts) take
-  the last decoded frame, the same clamping rule as `clip_indices`.
+  the last decoded frame, the same clamping rule as `clip_indices`. Stops with
+  VideoTimeout once `cancelled` is set (checked at every frame).
   """
   wanted = set(int(i) for i in indices)
   last_needed = int(np.max(indices))
   frames: dict[int, np.ndarray] = {}
   last_frame, decoded = None, 0
   for i, frame in enumerate(container.decode(stream)):
+    _stop_if(cancelled)
     last_frame, decoded = frame, i + 1
     if i in wanted:
       frames[i] = frame.to_ndarray(format="rgb24")
@@ -115,40 +175,149 @@ def decode_frames(container, stream, indices: np.ndarray) -> np.ndarray:
   return np.stack([frames[int(i)] for i in indices])
 
 
-def _read_frames(path: str, indices_for: Callable[[int], np.ndarray]) -> np.ndarray:
+# ------------------------------------------------------------------------------------- opening files
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISDIR, "a directory"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+  return next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+
+
+def _open_local(path: str) -> BinaryIO:
+  """A regular local file opened for reading; NotARegularFile (never opened) for anything else."""
+  mode = os.stat(path).st_mode  # follows symlinks: a link to a FIFO is a FIFO
+  if not stat.S_ISREG(mode):
+    raise NotARegularFile(f"{path} is {_kind(mode)}, not a regular file")
+  # O_NONBLOCK: should the path have become a FIFO since the stat, open() returns at once instead of
+  # waiting for a writer; the descriptor is then checked for what it really is.
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+  try:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+      raise NotARegularFile(f"{path} is {_kind(mode)}, not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+  except BaseException:
+    os.close(fd)
+    raise
+
+
+def _open_remote(url: str) -> BinaryIO:
+  """A URL's bytes: in memory up to MAX_IN_MEMORY_BYTES, else the remote file object (see module doc)."""
+  remote = paths.open_read(url)
+  try:
+    size = remote.seek(0, io.SEEK_END)
+    remote.seek(0)
+    if size > MAX_IN_MEMORY_BYTES:
+      return remote
+    data = remote.read()
+  except BaseException:
+    remote.close()
+    raise
+  remote.close()
+  return io.BytesIO(data)
+
+
+def open_video(path: str) -> BinaryIO:
+  """A binary file object holding a video's bytes, local path or URL (see the module doc)."""
+  return _open_remote(path) if paths.is_remote(path) else _open_local(path)
+
+
+# ---------------------------------------------------------------------------------------- deadlines
+
+
+def run_with_timeout(work: Callable[[threading.Event], T], timeout_s: float | None = None) -> T:
+  """work(cancelled), waited for at most timeout_s seconds; VideoTimeout past it.
+
+  `work` runs in a daemon thread (a read blocked for good never keeps the
+  process alive) and should check `cancelled` between units of work and stop
+  when it is set: the caller has moved on. timeout_s None: DEFAULT_TIMEOUT_S;
+  0 (or less): no deadline, `work` runs in the calling thread.
+  """
+  cancelled = threading.Event()
+  if timeout_s is None:
+    timeout_s = DEFAULT_TIMEOUT_S
+  if timeout_s <= 0:
+    return work(cancelled)
+  outcome: dict[str, object] = {}
+
+  def target():
+    try:
+      outcome["value"] = work(cancelled)
+    except BaseException as e:  # pylint: disable=broad-except  (handed to the caller below)
+      outcome["error"] = e
+
+  thread = threading.Thread(target=target, name="amd_jax-video-read", daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  if thread.is_alive():
+    cancelled.set()
+    raise VideoTimeout(f"opening and decoding took longer than {timeout_s:g} s")
+  if "error" in outcome:
+    raise outcome["error"]
+  return outcome["value"]
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _check_size(stream, max_frame_pixels: int) -> None:
+  width, height = stream.codec_context.width, stream.codec_context.height
+  if max_frame_pixels and width * height > max_frame_pixels:
+    raise VideoTooLarge(f"frames of {width}x{height} = {width * height / 1e6:.1f} megapixels exceed the "
+                        f"limit of {max_frame_pixels / 1e6:g} megapixels")
+
+
+def _decode(path: str, indices_for: Callable[[int], np.ndarray], max_frame_pixels: int,
+            cancelled: threading.Event) -> np.ndarray:
   """Decodes the frames indices_for(video length) of a file: uint8 [len(indices), H, W, 3]."""
-  with av.open(path) as container:
+  with open_video(path) as file, av.open(file) as container:
     if not container.streams.video:
       raise ValueError("file has no video stream")
     stream = container.streams.video[0]
+    _check_size(stream, max_frame_pixels)
     length = _stream_length(stream)
     if length > 0:
-      return decode_frames(container, stream, indices_for(length))
+      return decode_frames(container, stream, indices_for(length), cancelled)
     # No usable metadata: decode everything once, then sample from what is there.
-    frames = _decode_all(container, stream)
+    frames = _decode_all(container, stream, cancelled)
     if not frames:
       raise ValueError("no decodable video frames")
     return np.stack([frames[i] for i in indices_for(len(frames))])
 
 
-def read_clip(path: str, num_frames: int, stride: int,
-              rng: np.random.Generator | None = None) -> np.ndarray:
-  """Reads one clip from a video file: uint8 [num_frames, H, W, 3].
+def _read_frames(path: str, indices_for: Callable[[int], np.ndarray], timeout_s: float | None,
+                 max_frame_pixels: int) -> np.ndarray:
+  return run_with_timeout(lambda cancelled: _decode(path, indices_for, max_frame_pixels, cancelled),
+                          timeout_s)
+
+
+def read_clip(path: str, num_frames: int, stride: int, rng: np.random.Generator | None = None, *,
+              timeout_s: float | None = None, max_frame_pixels: int = 0) -> np.ndarray:
+  """Reads one clip from a video file (local path or URL): uint8 [num_frames, H, W, 3].
 
   rng given: random temporal position (training); rng None: centred (eval).
-  Raises on unreadable files (av.FFmpegError, OSError, ValueError); the caller
-  decides whether to skip.
+  Raises on files that cannot be used: av.FFmpegError, OSError (NotARegularFile
+  for a FIFO, a directory, a device), ValueError (VideoTooLarge when a frame has
+  more than max_frame_pixels pixels; 0: no limit), VideoTimeout past timeout_s
+  seconds (None: DEFAULT_TIMEOUT_S; 0: no deadline). The caller decides whether
+  to skip.
   """
-  return _read_frames(path, lambda length: sample_indices(length, num_frames, stride, rng))
+  return _read_frames(path, lambda length: sample_indices(length, num_frames, stride, rng), timeout_s,
+                      max_frame_pixels)
 
 
-def read_clips(path: str, num_frames: int, stride: int, num_clips: int) -> np.ndarray:
+def read_clips(path: str, num_frames: int, stride: int, num_clips: int, *,
+               timeout_s: float | None = None, max_frame_pixels: int = 0) -> np.ndarray:
   """The num_clips test clips of `spaced_starts`: uint8 [num_clips, num_frames, H, W, 3].
 
-  The file is decoded once for all clips. Raises like `read_clip`.
+  The file is decoded once for all clips (within one timeout). Raises like `read_clip`.
   """
   def indices_for(length: int) -> np.ndarray:
     starts = spaced_starts(length, num_frames, stride, num_clips)
     return np.concatenate([clip_indices(length, num_frames, stride, s) for s in starts])
-  frames = _read_frames(path, indices_for)
+  frames = _read_frames(path, indices_for, timeout_s, max_frame_pixels)
   return frames.reshape((num_clips, num_frames) + frames.shape[1:])
