@@ -18,8 +18,9 @@ import importlib
 __version__ = "0.1.0"
 
 # Submodules reachable as attributes (amd_jax.masking, ...) without importing them up front.
-_SUBMODULES = ("config_base", "config_validation", "convert", "data", "losses", "masking", "methods", "models",
-               "evaluate", "mixup", "probe", "progress", "quickstart", "recipes", "targets", "train", "visualize")
+_SUBMODULES = ("config_base", "config_validation", "convert", "data", "errors", "losses", "masking", "methods",
+               "models", "evaluate", "mixup", "paths", "probe", "progress", "quickstart", "recipes", "targets", "train",
+               "visualize", "weights")
 
 # public name -> (module, attribute in that module)
 _EXPORTS: dict[str, tuple[str, str]] = {
@@ -74,11 +75,14 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "parse_ints": ("amd_jax.config_base", "parse_ints"),
     "with_method_fields": ("amd_jax.recipes", "with_method_fields"),
     "validate_config": ("amd_jax.config_validation", "validate"),
-    "known_fields": ("amd_jax.config_validation", "known_fields"),
-    "ConfigError": ("amd_jax.config_validation", "ConfigError"),
+    "known_fields": ("amd_jax.methods", "known_fields"),
+    "ConfigError": ("amd_jax.errors", "ConfigError"),
     # running, weights, evaluation, pictures (these import TensorFlow through clu/tfds)
     "run": ("amd_jax.train.loop", "run"),   # amd_jax.train stays the subpackage
-    "load_params": ("amd_jax.train.checkpoint", "load_params"),
+    "load_params": ("amd_jax.weights", "load_params"),
+    "load_run": ("amd_jax.evaluate", "load_run"),
+    "Trainer": ("amd_jax.train.loop", "Trainer"),
+    "build_trainer": ("amd_jax.train.loop", "build_trainer"),
     "load_torch_encoder": ("amd_jax.convert", "load_torch_encoder"),
     "export_torch": ("amd_jax.convert", "export_torch"),
     "reconstruction_grid": ("amd_jax.visualize", "reconstruction_grid"),

@@ -43,6 +43,8 @@ def model_config(variant: str = "S") -> ml_collections.ConfigDict:
       remat="none",         # none | full | dots | dots_no_batch
       drop_path=0.0,
       attention="xla",      # jax.nn.dot_product_attention implementation: xla | cudnn (flash attention, GPUs)
+      init_scheme="mae",    # mae (MAE's init) | videomae (as the official VideoMAE/AMD code: PyTorch-default
+                            # patch embedding and decoder input projection, mask tokens cut at +-1 std)
   ))
 
 
@@ -109,8 +111,9 @@ def optim_config() -> ml_collections.ConfigDict:
       b2=0.95,
       eps=1e-8,
       weight_decay=0.05,
-      warmup_steps=-1,
+      warmup_steps=-1,         # warmup given as steps, epochs or a fraction of the run (at most one; none: 0)
       warmup_epochs=-1.0,
+      warmup_fraction=-1.0,    # share of total steps; transfers across data set sizes and run lengths
       grad_clip=0.0,           # 0 disables global-norm clipping
       ema_decay=0.0,           # >0: keep an EMA of the weights (evaluated beside them); 0 = off
   ))
@@ -142,6 +145,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.allow_config_change = False  # True: continue a workdir whose run had a different config
   c.nan_policy = "stop"       # a NaN/Inf loss, gradient or update: stop (checkpoints untouched) | skip | off;
                               # see amd_jax/train/guard.py
+  c.nan_max_skips = 20        # nan_policy='skip': stop after this many non-finite steps in a row
+  c.init = ""                 # start the trained model from these weights (all its parts; the optimizer starts
+                              # fresh): a workdir of the same method, a to_flax .npz, or a PyTorch checkpoint
+                              # holding every part (e.g. an official AMD pre-training checkpoint); '' = random
+  c.profile_steps = ""        # 'A,B': write a jax.profiler trace of steps A..B into WORKDIR/profile (TensorBoard's
+                              # profile tab); '' = off
   c.shard_teacher = "auto"    # auto (shard like the student when fsdp > 1) | sharded | replicated
   c.model = model_config()
   c.decoder = decoder_config()

@@ -15,9 +15,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+from absl import app, flags, logging
 
-from amd_jax import progress
+from amd_jax import methods, progress, weights
+from amd_jax import probe as probe_lib
 from amd_jax.data import pipeline
 from amd_jax.train import sharding
 
@@ -91,37 +92,16 @@ def classification_accuracy(predict: Callable, params, config, mesh, *, max_exam
 # ------------------------------------------------------------------ evaluating a finished run
 
 
-def _merge(defaults, saved: dict):
-  """Saved config values over today's defaults (older runs may lack newer fields)."""
-  for key, value in saved.items():
-    if key in defaults and isinstance(value, dict) and hasattr(defaults[key], "keys"):
-      _merge(defaults[key], value)
-    elif key in defaults:
-      defaults[key] = value
-  return defaults
-
-
 def load_run(workdir: str, step: int | None = None):
-  """(config, method, params) of the amd_jax run in `workdir` (its config.json and a checkpoint)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  from amd_jax import config_validation  # pylint: disable=g-import-not-at-top
-  from amd_jax.methods import get_method  # pylint: disable=g-import-not-at-top
-  from amd_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir!r} holds no config.json: is it the workdir of an amd_jax run?")
-  with open(path) as f:
-    saved = json.load(f)
-  config = _merge(config_validation.known_fields(saved["method"]), saved)
-  params = jax.tree.map(jnp.asarray, checkpoint.load_params(workdir, step))
-  return config, get_method(config), params
+  """(config, method, params) of the amd_jax run in `workdir` (its config.json over today's defaults,
+  and a checkpoint: the latest unless `step` is given)."""
+  config, params = weights.load_run(workdir, methods.known_fields, step)
+  return config, methods.get_method(config), jax.tree.map(jnp.asarray, params)
 
 
 def evaluate_workdir(workdir: str, *, step: int | None = None, probe: bool = True,
                      max_train_examples: int = -1) -> dict[str, float]:
   """kNN + linear probe of a run's encoder, and top-1/top-5 when the run is a classifier."""
-  from amd_jax import probe as probe_lib  # pylint: disable=g-import-not-at-top
   config, method, params = load_run(workdir, step)
   if max_train_examples >= 0:
     config.eval.max_train_examples = max_train_examples
@@ -136,7 +116,6 @@ def evaluate_workdir(workdir: str, *, step: int | None = None, probe: bool = Tru
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   results = evaluate_workdir(f.workdir, step=f.step if f.step >= 0 else None, probe=f.probe,
                              max_train_examples=f.max_train_examples)
@@ -144,7 +123,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "workdir of an amd_jax run (pre-training or fine-tuning)", required=True)
   flags.DEFINE_integer("step", -1, "checkpoint step (-1: the latest)")
   flags.DEFINE_bool("probe", True, "kNN and linear probe on frozen features")

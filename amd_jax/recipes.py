@@ -5,7 +5,8 @@ set to a published recipe; config files pick the size and data set.
 """
 from __future__ import annotations
 
-from amd_jax import config_base
+from amd_jax import config_base, methods
+from amd_jax.models import vit
 
 # ImageNet normalisation used by every official recipe.
 IMAGENET_MEAN, IMAGENET_STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
@@ -20,19 +21,17 @@ VIDEO_DATASETS = {  # frame stride and classes of the two video benchmarks
 
 def with_method_fields(config, method: str):
   """Add the fields a method declares (Method.extra_config) to a base config."""
-  from amd_jax import methods  # pylint: disable=g-import-not-at-top
   config.method = method
-  extra = getattr(methods.get_method_class(method), "extra_config", None)
-  if extra is not None:
-    for key, value in extra().items():
-      config[key] = value
+  for key, value in methods.get_method_class(method).extra_config().items():
+    config[key] = value
   return config
 
 
 def video_model(model, variant: str):
-  """VideoMAE encoder layout: no cls token, q/v bias, 1-D interleaved sincos, tubelets 2x16x16."""
+  """VideoMAE encoder layout: no cls token, q/v bias, 1-D interleaved sincos, tubelets 2x16x16, and the
+  official video code's initialisation."""
   model.update(variant=variant, patch_size=16, tubelet_size=2, cls_token=False, qkv_bias="qv",
-               pos_emb="sincos1d", dtype="bfloat16", scan=True)
+               pos_emb="sincos1d", dtype="bfloat16", scan=True, init_scheme="videomae")
 
 
 def image_model(model, variant: str):
@@ -156,7 +155,6 @@ def _mae_teacher(model, variant: str = "B", scan: bool = True):
 
 
 def vit_heads(variant: str) -> int:
-  from amd_jax.models import vit  # pylint: disable=g-import-not-at-top
   return vit.VARIANTS[variant][2]
 
 

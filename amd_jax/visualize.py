@@ -21,7 +21,7 @@ During pre-training, `config.image_every_steps > 0` writes the same grid to Tens
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import math
 import os
 import sys
@@ -30,8 +30,11 @@ import weakref
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image, ImageDraw
 
+from amd_jax import evaluate, paths
 from amd_jax.config_base import parse_floats
+from amd_jax.data import pipeline
 from amd_jax.models import vit
 
 HIDDEN_GREY = 110          # pixel value of hidden patches
@@ -157,7 +160,6 @@ def _cell(clip: np.ndarray, num_frames: int, scale: int) -> np.ndarray:
 
 
 def _title_strip(titles: list[str], widths: list[int]) -> np.ndarray:
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   total = sum(widths) + GAP * (len(widths) - 1)
   img = Image.new("RGB", (total, TITLE_HEIGHT), (255, 255, 255))
   draw = ImageDraw.Draw(img)
@@ -198,7 +200,7 @@ def picture_columns(method, params, batch: dict, rng, *, attention_block: int = 
   x = jnp.asarray(batch[key])
   pix = lambda a: to_uint8(a, mean, std)
   columns = {"original": pix(x)}
-  if hasattr(method, "reconstruct"):
+  if method.can_reconstruct:
     proxy = weakref.proxy(method)  # the compiled cache must not keep the method alive
     reconstruct = _jit(method, "reconstruct", lambda p, b, r: proxy.reconstruct(p, b, r), params)
     out = reconstruct(params, {key: x}, rng)
@@ -229,14 +231,11 @@ def reconstruction_grid(method, params, batch: dict, rng=None, *, attention_bloc
 
 def eval_batch(config, num_images: int, split: str | None = None) -> dict[str, np.ndarray]:
   """The first `num_images` examples of the run's eval split, normalised as in training."""
-  from amd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   split = config.data.eval_split if split is None else split
   ds = pipeline.make_eval_dataset(config.data, split=split, batch_size=num_images, max_examples=num_images)
   it = iter(ds)
   batch = next(it)
-  close = getattr(it, "close", None)
-  if close is not None:
-    close()
+  it.close()
   real = np.asarray(batch["mask"], bool)
   key = pipeline.data_key(config.data)
   return {key: np.asarray(batch[key])[real]}
@@ -244,7 +243,7 @@ def eval_batch(config, num_images: int, split: str | None = None) -> dict[str, n
 
 def default_attention_block(method) -> int:
   """The last block of the method's encoder; 0 (no attention column) for a method without one."""
-  enc = getattr(method, "encoder", None)
+  enc = method.encoder
   return enc.depth if isinstance(enc, vit.Encoder) else 0
 
 
@@ -275,25 +274,10 @@ class TrainingPictures:
 # ------------------------------------------------------------------------------- CLI
 
 
-def load_run(workdir: str, step: int | None = None):
-  """(config, method, params) of an amd_jax run directory (config.json + its checkpoints)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from amd_jax.methods import get_method  # pylint: disable=g-import-not-at-top
-  from amd_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} the workdir of an amd_jax run?")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  params = checkpoint.load_params(workdir, step=step)
-  return config, get_method(config), params
-
-
 def write_png(grid: np.ndarray, path: str) -> None:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  Image.fromarray(grid).save(path)
+  buffer = io.BytesIO()
+  Image.fromarray(grid).save(buffer, format="PNG")
+  paths.write_bytes(path, buffer.getvalue())
 
 
 def main(argv=None) -> int:
@@ -312,12 +296,12 @@ def main(argv=None) -> int:
   if args.num_images < 1:
     parser.error(f"--num_images={args.num_images} must be >= 1")
   try:
-    config, method, params = load_run(args.workdir, args.step)
+    config, method, params = evaluate.load_run(args.workdir, args.step)
     block = default_attention_block(method) if args.attention_block < 0 else args.attention_block
     batch = eval_batch(config, args.num_images, args.split)
     grid = reconstruction_grid(method, params, batch, jax.random.PRNGKey(args.seed), attention_block=block,
                                num_frames=args.num_frames)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, OSError) as e:
     print(f"amd_jax.visualize: {e}", file=sys.stderr)
     return 2
   write_png(grid, args.out)

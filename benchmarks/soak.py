@@ -35,7 +35,7 @@ import numpy as np
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 
-from amd_jax.train import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from amd_jax import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 COMPILED = "step compiled in"   # the loop's log line once the train step is compiled
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
@@ -279,8 +279,8 @@ def main():
   events.append(dict(fault="final", before=before[-1] if before else 0,
                      resumed=int(resumed.group(1)) if resumed else 0))
 
-  final_equal = all(trees_equal(checkpoint.load_params(reference, subtree=s),
-                                checkpoint.load_params(interrupted, subtree=s)) for s in ("params", "opt_state"))
+  final_equal = all(trees_equal(weights.load_params(reference, subtree=s),
+                                weights.load_params(interrupted, subtree=s)) for s in ("params", "opt_state"))
   table = summarise(events, final_equal, args, ref, time.time() - t0)
   print(table, flush=True)
   if args.write_docs:

@@ -5,15 +5,17 @@
 
 Arguments (comma-separated, amd_jax.config_base.parse_arg):
   video      tiny VideoMAE on synthetic clips (tube mask, q/v bias, 1-D sincos, no cls token)
+  amd        tiny AMD student of a tiny MAE teacher (this config's own model; give the teacher with
+             --config.teacher.checkpoint=WORKDIR|FILE, or 'random')
   steps=N    total_steps (default 4)
   batch=N    global batch size (default 8)
   width=N    encoder width (default 0: the 'tiny' variant's 32)
 """
-from amd_jax import config_base
+from amd_jax import config_base, recipes
 
 
 def get_config(arg=None):
-  args = config_base.parse_arg(arg, video=False, steps=4, batch=8, width=0)
+  args = config_base.parse_arg(arg, video=False, amd=False, steps=4, batch=8, width=0)
   c = config_base.base_config()
   c.method = "mae"
   c.seed = 0
@@ -40,4 +42,10 @@ def get_config(arg=None):
                   std="0.229,0.224,0.225", hflip=False, multiscale_scales="1,0.875", synthetic_size=32)
     c.model.update(tubelet_size=2, cls_token=False, qkv_bias="qv", pos_emb="sincos1d")
     c.mask.update(ratio=0.75, kind="tube")
+  if args.amd:
+    recipes.with_method_fields(c, "amd")
+    c.teacher.model.update(c.model.to_dict())
+    c.teacher.model.width = 32   # the teacher is the plain tiny MAE, whatever the student's width
+    c.teacher.mask_ratio = 0.5
+    c.amd.update(student_layers="1,2", teacher_layers="1,2", generator_heads=2, generator_depth=1)
   return c

@@ -12,6 +12,7 @@ amd_jax that exists for the emulator.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import socket
 import subprocess
@@ -45,6 +46,16 @@ def load_config(name: str, arg: str | None = None):
 def tiny_config():
   """configs/test_tiny.py's get_config: tiny_config('video,steps=3')."""
   return lambda arg=None: load_config("test_tiny", arg)
+
+
+@pytest.fixture
+def library_log(caplog):
+  """caplog that also sees the `amd_jax` logger (which has its own stderr handler and does not propagate)."""
+  logger = logging.getLogger("amd_jax")
+  logger.addHandler(caplog.handler)
+  caplog.set_level(logging.INFO, logger="amd_jax")
+  yield caplog
+  logger.removeHandler(caplog.handler)
 
 
 # ----------------------------------------------------------------- GCS emulator

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from amd_jax import config_base, config_validation, recipes
+from amd_jax import config_base, config_validation, recipes, weights
 from amd_jax.methods import get_method
 from amd_jax.models import posemb
 from amd_jax.train import checkpoint, loop
@@ -182,7 +182,7 @@ def test_end_to_end_teacher_from_workdir_and_mismatch(tmp_path):
   final = loop.run(c, student_dir)
   for term in ("loss_rec", "loss_dir", "loss_gen"):
     assert np.isfinite(final[term])
-  saved = checkpoint.load_params(student_dir)
+  saved = weights.load_params(student_dir)
   assert set(saved) == {"encoder", "decoder", "projections", "generators"}
   assert os.path.isdir(os.path.join(student_dir, "checkpoints", "3"))
 
@@ -190,7 +190,7 @@ def test_end_to_end_teacher_from_workdir_and_mismatch(tmp_path):
   from amd_jax import convert
   arch = convert.arch_from_config(teacher_cfg.model, image_size=32, in_chans=1, video=False)
   pth = str(tmp_path / "teacher.pth")
-  convert.export_torch({"encoder": checkpoint.load_params(teacher_dir)["encoder"]}, pth, arch, "mae",
+  convert.export_torch({"encoder": weights.load_params(teacher_dir)["encoder"]}, pth, arch, "mae",
                        parts=("encoder",))
   from_file = tiny_amd_config("image", teacher=pth)
   from_file.total_steps = 1
@@ -198,14 +198,14 @@ def test_end_to_end_teacher_from_workdir_and_mismatch(tmp_path):
 
   bad = tiny_amd_config("image", teacher=teacher_dir)
   bad.teacher.model.width = 96  # does not fit the saved 64-wide teacher
-  with pytest.raises(checkpoint.TeacherMismatchError, match="mis-shaped") as err:
+  with pytest.raises(weights.WeightsMismatchError, match="mis-shaped") as err:
     loop.run(bad, str(tmp_path / "bad"))
   assert "blocks_0/norm2/scale: expected (96,), got (64,)" in str(err.value)
 
   bad_depth = tiny_amd_config("image", teacher=teacher_dir)
   bad_depth.teacher.model.depth = 6
   bad_depth.amd.teacher_layers = "2,6"
-  with pytest.raises(checkpoint.TeacherMismatchError, match="missing"):
+  with pytest.raises(weights.WeightsMismatchError, match="missing"):
     loop.run(bad_depth, str(tmp_path / "bad_depth"))
 
 

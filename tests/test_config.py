@@ -251,10 +251,14 @@ def test_validation_does_not_mutate_config():
   assert c.to_json_best_effort(sort_keys=True) == before
 
 
-def test_identity_diff_names_changed_identity_fields_only():
-  a, b = tiny().to_dict(), tiny("width=64,steps=9").to_dict()
-  diffs = config_validation.identity_diff(a, b)
-  assert diffs == ["model.width: 0 -> 64"]
+def test_resume_changes_sort_identity_settings_and_free_fields():
+  a = tiny().to_dict()
+  b = tiny("width=64,steps=9").to_dict()
+  b["optim"]["lr"] = 0.5
+  b["log_every_steps"] = 7            # operational: free to change
+  identity, settings = config_validation.resume_changes(a, b)
+  assert identity == ["model.width: 0 -> 64"]
+  assert settings == ["optim.lr: 0.001 -> 0.5", "total_steps: 4 -> 9"]
 
 
 # --------------------------------------------------------------- config_base

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amd_jax import config_base, config_validation, losses, masking, recipes
+from amd_jax import config_base, config_validation, losses, masking, recipes, weights
 from amd_jax.methods import get_method
 from amd_jax.methods import g2sd as g2sd_lib
 from amd_jax.methods import tinymim as tinymim_lib
@@ -230,7 +230,7 @@ def test_tinymim_last_mlp_and_final_norm_get_no_gradient(tinymim):
   assert not zero_grads(g["blocks_1"]["attn"]["qkv"]) and not zero_grads(g["blocks_0"])
   assert "norm" not in s.tparams  # relations are read inside a block: the teacher needs no final norm
   # Frozen features skip the never-trained last MLP.
-  enc = s.m.transfer_encoder_params(s.params)
+  enc = s.m.encoder_for_transfer(s.params)
   assert zero_grads(enc["blocks_1"]["mlp"]["fc2"]) and not zero_grads(s.params["encoder"]["blocks_1"]["mlp"]["fc2"])
   tokens, _ = s.m.encoder.apply({"params": enc}, s.x)
   np.testing.assert_allclose(np.asarray(s.m.features(s.params, s.batch)), np.asarray(tokens[:, 1:].mean(1)),
@@ -284,7 +284,7 @@ def test_tinymim_teacher_may_be_a_tinymim_student(tinymim):
   config_validation.validate(c)
   m2 = get_method(c)
   student = {k: v for k, v in student.items() if k != "norm"}  # the loader drops a norm the teacher does not use
-  checkpoint.check_fit(jax.eval_shape(m2.teacher_init, jax.random.PRNGKey(1), batch), student, "first student")
+  weights.check_fit(jax.eval_shape(m2.teacher_init, jax.random.PRNGKey(1), batch), student, "first student")
   qk, _ = m2.teacher_relations(student, batch["image"])
   assert qk.shape == (4, 4, 17, 17)
   c.tinymim.teacher_last_heads = 0  # the head counts must line up
@@ -404,7 +404,7 @@ def test_end_to_end_teachers_from_workdirs(tmp_path):
   dmae_dir = str(tmp_path / "dmae")
   final = loop.run(dmae, dmae_dir)
   assert np.isfinite(final["loss_rec"]) and np.isfinite(final["loss_attn"])
-  assert set(checkpoint.load_params(dmae_dir)) == {"encoder", "decoder", "attn_adapters"}  # no teacher inside
+  assert set(weights.load_params(dmae_dir)) == {"encoder", "decoder", "attn_adapters"}  # no teacher inside
 
   seq = tiny("tinymim", teacher=dmae_dir)
   seq.teacher.model.update(width=32, depth=2, num_heads=2)  # the D-MAE student's encoder
@@ -417,8 +417,8 @@ def test_end_to_end_teachers_from_workdirs(tmp_path):
   config_validation.validate(g)
   m = get_method(g)
   batch = batch_of(g)
-  full = checkpoint.load_params(teacher_dir)
-  checkpoint.check_fit(jax.eval_shape(m.teacher_init, jax.random.PRNGKey(0), batch), full, teacher_dir)
+  full = weights.load_params(teacher_dir)
+  weights.check_fit(jax.eval_shape(m.teacher_init, jax.random.PRNGKey(0), batch), full, teacher_dir)
   loss, _ = jax.jit(m.loss)(m.init(jax.random.PRNGKey(0), batch), full, batch, jax.random.PRNGKey(1))
   assert np.isfinite(float(loss))
   assert os.path.isfile(os.path.join(teacher_dir, "config.json"))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amd_jax import evaluate, losses, mixup, recipes
+from amd_jax import evaluate, losses, mixup, recipes, weights
 from amd_jax.config_validation import ConfigError, validate
 from amd_jax.methods import finetune as finetune_lib
 from amd_jax.methods import get_method
@@ -219,7 +219,7 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained, tmp_path):
   method = get_method(c)
   fresh = method.init(jax.random.PRNGKey(0), {"image": jnp.zeros((2, 16, 16, 1))})
   loaded = method.load_pretrained(jax.device_get(fresh))
-  source = checkpoint.load_params(pretrained)["encoder"]
+  source = weights.load_params(pretrained)["encoder"]
   assert "norm" in source and "norm" not in loaded["encoder"]   # mean pooling: fc_norm replaces it
   for key, value in flat(loaded["encoder"]).items():
     np.testing.assert_array_equal(value, flat(source)[key])
@@ -231,7 +231,7 @@ def test_pretrained_encoder_that_does_not_fit_names_keys(pretrained):
   c.finetune.init = pretrained
   method = get_method(c)
   fresh = method.init(jax.random.PRNGKey(0), {"image": jnp.zeros((2, 16, 16, 1))})
-  with pytest.raises(checkpoint.TeacherMismatchError, match=r"(?s)config\.model.*mis-shaped.*blocks_0/attn/proj/kernel: expected \(48, 48\), got \(32, 32\)"):
+  with pytest.raises(weights.WeightsMismatchError, match=r"(?s)config\.model.*mis-shaped.*blocks_0/attn/proj/kernel: expected \(48, 48\), got \(32, 32\)"):
     method.load_pretrained(jax.device_get(fresh))
 
 
@@ -326,7 +326,7 @@ def test_tinymim_student_hands_over_its_encoder_with_the_last_mlp_off(tmp_path):
   method = get_method(c)
   x = {"image": jnp.zeros((2, c.data.image_size, c.data.image_size, c.data.channels))}
   loaded = method.load_pretrained(jax.device_get(method.init(jax.random.PRNGKey(0), x)))["encoder"]
-  source = checkpoint.load_params(str(tmp_path / "pre"))["encoder"]
+  source = weights.load_params(str(tmp_path / "pre"))["encoder"]
   last = f"blocks_{method.model.encoder.depth - 1}"
   assert not np.any(loaded[last]["mlp"]["fc2"]["kernel"]) and np.any(source[last]["mlp"]["fc2"]["kernel"])
   np.testing.assert_array_equal(loaded["blocks_0"]["mlp"]["fc2"]["kernel"], source["blocks_0"]["mlp"]["fc2"]["kernel"])

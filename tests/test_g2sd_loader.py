@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from amd_jax import config_base, convert
+from amd_jax import config_base, convert, weights
 from amd_jax.train import checkpoint, loop
 from test_distill import tiny
 
@@ -19,7 +19,7 @@ def test_g2sd_end_to_end_teacher_workdir_and_files(tmp_path):
   final = loop.run(tiny("g2sd", teacher=teacher_dir), str(tmp_path / "g2sd"))
   assert np.isfinite(final["loss_feature"])
 
-  params = checkpoint.load_params(teacher_dir)
+  params = weights.load_params(teacher_dir)
   arch = convert.arch_from_config(t.model, decoder_cfg=t.decoder, image_size=32, in_chans=1, video=False)
   full = str(tmp_path / "mae_full.pth")
   convert.export_torch(params, full, arch, "mae", parts=("encoder", "decoder"))
@@ -28,6 +28,6 @@ def test_g2sd_end_to_end_teacher_workdir_and_files(tmp_path):
 
   enc_only = str(tmp_path / "mae_encoder.pth")
   convert.export_torch(params, enc_only, arch, "mae", parts=("encoder",))
-  with pytest.raises(checkpoint.TeacherMismatchError, match="decoder") as err:
+  with pytest.raises(weights.WeightsMismatchError, match="decoder") as err:
     loop.run(tiny("g2sd", teacher=enc_only), str(tmp_path / "bad"))
   print(err.value)

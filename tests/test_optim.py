@@ -11,8 +11,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from amd_jax import config_base
-from amd_jax.methods import get_method
+from amd_jax import config_base, config_validation
+from amd_jax.errors import ConfigError
+from amd_jax.methods import get_method, layer_decay
 from amd_jax.train import loop, optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,12 +144,47 @@ def test_schedule_warmup_longer_than_run_still_reaches_peak():
   assert max(values) == pytest.approx(1e-3, rel=1e-6)
 
 
+def _schedule_config(**optim):
+  c = config_base.base_config()
+  c.batch_size, c.total_steps, c.num_epochs = 8, -1, 2.5
+  c.optim.update(optim)
+  return c
+
+
 def test_schedule_steps_from_epochs():
-  c = ml_collections.ConfigDict(dict(total_steps=-1, num_epochs=2.5,
-                                     optim=dict(warmup_steps=-1, warmup_epochs=0.5)))
-  assert loop.schedule_steps(c, steps_per_epoch=10) == (25, 5)
-  c.total_steps, c.num_epochs, c.optim.warmup_steps = 7, -1.0, 3
-  assert loop.schedule_steps(c, steps_per_epoch=10) == (7, 3)
+  c = _schedule_config(warmup_epochs=0.5)
+  s = loop.schedule_for(c, num_train_examples=80)   # 10 steps per epoch
+  assert (s.steps_per_epoch, s.total_steps, s.warmup_steps) == (10, 25, 5)
+  c.total_steps, c.num_epochs, c.optim.warmup_steps, c.optim.warmup_epochs = 7, -1.0, 3, -1.0
+  s = loop.schedule_for(c, num_train_examples=80)
+  assert (s.total_steps, s.warmup_steps) == (7, 3)
+
+
+def test_warmup_fraction_transfers_across_data_set_sizes():
+  """The same fraction is the same share of the run on a small and a large data set; epochs are not."""
+  by_fraction = _schedule_config(warmup_fraction=0.1)
+  by_epochs = _schedule_config(warmup_epochs=0.3)
+  for examples in (400, 40_000):   # 50 and 5,000 steps per epoch
+    s = loop.schedule_for(by_fraction, num_train_examples=examples)
+    assert s.warmup_steps == round(0.1 * s.total_steps)
+  small, large = (loop.schedule_for(by_epochs, num_train_examples=n) for n in (400, 40_000))
+  assert small.warmup_steps / small.total_steps == pytest.approx(large.warmup_steps / large.total_steps, abs=0.01)
+  assert small.warmup_steps == 15 and large.warmup_steps == 1500
+
+
+def test_warmup_longer_than_the_run_is_cut_with_a_warning(library_log):
+  c = _schedule_config(warmup_steps=160)
+  c.total_steps, c.num_epochs = 3, -1.0
+  s = loop.schedule_for(c, num_train_examples=80)
+  assert s.warmup_steps < s.total_steps == 3
+  assert "as long as the run" in library_log.text
+
+
+def test_only_one_warmup_form_is_accepted():
+  c = tiny()
+  c.optim.update(warmup_steps=2, warmup_fraction=0.1)
+  with pytest.raises(ConfigError, match="at most one of config.optim.warmup_steps"):
+    config_validation.validate(c)
 
 
 def test_schedule_drives_the_optimizer():
@@ -239,7 +275,7 @@ def _classifier_tree(depth):
 
 @pytest.mark.parametrize("depth,decay", [(2, 0.5), (12, 0.75)])
 def test_layer_decay_scales_exact(depth, decay):
-  scales = _paths(optim.layer_decay_scales(_classifier_tree(depth), depth, decay))
+  scales = _paths(layer_decay.layer_decay_scales(_classifier_tree(depth), depth, decay))
   top = depth + 1
   expect = {"encoder/patch_embed/proj/kernel": decay**top, "encoder/patch_embed/proj/bias": decay**top,
             "encoder/cls_token": decay**top, "encoder/pos_embed": decay**top,
@@ -251,12 +287,12 @@ def test_layer_decay_scales_exact(depth, decay):
   assert set(scales) == set(expect)
   for path, want in expect.items():
     assert scales[path] == pytest.approx(want, rel=1e-12), path
-  assert optim.layer_id("encoder/blocks_10/mlp/fc2/kernel", depth=12) == 11
+  assert layer_decay.layer_id("encoder/blocks_10/mlp/fc2/kernel", depth=12) == 11
 
 
 def test_layer_decay_scales_on_real_encoder(mae_params):
   enc = {"encoder": mae_params["encoder"]}
-  scales = _paths(optim.layer_decay_scales(enc, 2, 0.5))
+  scales = _paths(layer_decay.layer_decay_scales(enc, 2, 0.5))
   assert scales["encoder/patch_embed/proj/kernel"] == 0.125
   assert scales["encoder/cls_token"] == 0.125
   assert scales["encoder/blocks_0/attn/qkv/kernel"] == 0.25
@@ -271,7 +307,7 @@ def test_layer_decay_scales_scanned_encoder():
   params = _init_params(c)
   enc = {"encoder": params["encoder"]}
   depth, decay = 2, 0.5
-  scales = _paths(optim.layer_decay_scales(enc, depth, decay))
+  scales = _paths(layer_decay.layer_decay_scales(enc, depth, decay))
   leaves = _paths(enc)
   path = next(p for p in leaves if "attn/qkv/kernel" in p)
   assert leaves[path].shape[0] == depth  # the stacked layer axis
@@ -284,7 +320,7 @@ def test_layer_scales_enter_the_update():
   params = {"encoder": {"patch_embed": {"proj": {"kernel": jnp.zeros((2,))}},
                         "blocks_0": {"fc": {"kernel": jnp.zeros((2,))}}},
             "head": {"kernel": jnp.zeros((2,))}}
-  scales = optim.layer_decay_scales(params, depth=1, decay=0.5)
+  scales = layer_decay.layer_decay_scales(params, depth=1, decay=0.5)
   tx, _ = optim.make_optimizer(optim_cfg(lr=1.0, min_lr=1.0, weight_decay=0.0), batch_size=8, total_steps=10,
                                warmup_steps=0, layer_scales=scales)
   u, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)

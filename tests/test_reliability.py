@@ -21,8 +21,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.util import tensor_util
 
-from amd_jax import config_validation
+from amd_jax import config_validation, weights
 from amd_jax.train import checkpoint, guard, loop, preemption
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,13 +94,12 @@ def event_files(workdir):
 
 def read_scalars(workdir, tag, old_files=()):
   """{step: value} of a scalar in the workdir's TensorBoard events, leaving out `old_files`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   out = {}
   for f in event_files(workdir) - set(old_files):
-    for event in tf.compat.v1.train.summary_iterator(f):
+    for event in event_file_loader.EventFileLoader(f).Load():
       for v in event.summary.value:
         if v.tag == tag:
-          out[event.step] = float(tf.make_ndarray(v.tensor))
+          out[event.step] = float(tensor_util.make_ndarray(v.tensor))
   return out
 
 
@@ -156,7 +157,7 @@ def interrupted(reference, cache_dir, tmp_path_factory):
   term_steps = ckpt_steps(workdir)
   match = re.search(r"received SIGTERM at step (\d+); checkpoint written to (\S+); rerun the same command", term_log)
   stopped_at = int(match.group(1)) if match else None
-  stopped_state = checkpoint.load_params(workdir, step=stopped_at, subtree="") if stopped_at in term_steps else None
+  stopped_state = weights.load_params(workdir, step=stopped_at, subtree="") if stopped_at in term_steps else None
 
   proc, log = start_main(workdir, cache_dir, root / "kill.log")
   kill_rc, steps_at_kill = signal_when(proc, workdir, (stopped_at or 0) + 20, signal.SIGKILL)
@@ -188,8 +189,8 @@ def test_kill_9_and_sigterm_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(
   assert ckpt_steps(r["workdir"])[-1] == LAST
   assert np.isfinite(r["final"]["loss"])
   for subtree in ("params", "opt_state"):
-    a = checkpoint.load_params(reference, subtree=subtree)
-    b = checkpoint.load_params(r["workdir"], subtree=subtree)
+    a = weights.load_params(reference, subtree=subtree)
+    b = weights.load_params(r["workdir"], subtree=subtree)
     assert tree_equal(a, b), f"{subtree} differ; {context}"
 
 
@@ -220,8 +221,8 @@ def test_damaged_latest_checkpoints_fall_back_to_an_older_one(reference, tmp_pat
   for step in (70, 60):   # set aside, byte for byte
     assert file_digests(os.path.join(workdir, checkpoint.UNREADABLE_DIR, str(step))) == damaged[step]
   assert ckpt_steps(workdir)[-3:] == [60, 70, 80]   # saved again by the resumed run
-  assert tree_equal(checkpoint.load_params(reference), checkpoint.load_params(workdir))
-  assert tree_equal(checkpoint.load_params(reference, 70), checkpoint.load_params(workdir, 70))
+  assert tree_equal(weights.load_params(reference), weights.load_params(workdir))
+  assert tree_equal(weights.load_params(reference, 70), weights.load_params(workdir, 70))
 
 
 def test_no_restorable_checkpoint_is_a_clear_error_and_moves_nothing(reference, tmp_path):
@@ -268,11 +269,11 @@ def test_nan_skip_counts_skipped_steps_and_keeps_the_weights(reference, tmp_path
   copied_events = event_files(workdir)
   final = loop.run(tiny(data__std=NAN_STD, nan_policy="skip"), workdir)
   assert ckpt_steps(workdir)[-2:] == [70, 80]
-  assert int(checkpoint.load_params(workdir, subtree="")["step"]) == 80
+  assert int(weights.load_params(workdir, subtree="")["step"]) == 80
   for subtree in ("params", "opt_state"):
-    assert tree_equal(checkpoint.load_params(reference, 60, subtree=subtree),
-                      checkpoint.load_params(workdir, subtree=subtree)), subtree
-  params = checkpoint.load_params(workdir)
+    assert tree_equal(weights.load_params(reference, 60, subtree=subtree),
+                      weights.load_params(workdir, subtree=subtree)), subtree
+  params = weights.load_params(workdir)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
   counts = read_scalars(workdir, guard.COUNT, copied_events)
   assert counts == {70: 10, 80: 10}

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from amd_jax.models import logical, vit
+from amd_jax import weights
 from amd_jax.train import distributed, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -541,8 +542,8 @@ def test_two_processes_train_like_one(two_process):
   for text in logs.values():   # both processes joined one 8-device runtime
     assert "process 0 of 2" in text or "process 1 of 2" in text, text[-3000:]
     assert "4 local / 8 global devices" in text, text[-3000:]
-  multi = checkpoint.load_params(two_process["multi"])
-  single = checkpoint.load_params(two_process["single"])
+  multi = weights.load_params(two_process["multi"])
+  single = weights.load_params(two_process["single"])
   init = jax.tree.leaves(multi)
   assert len(init) == len(jax.tree.leaves(single))
   diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), multi, single)

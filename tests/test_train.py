@@ -12,7 +12,10 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.util import tensor_util
 
+from amd_jax import weights
 from amd_jax.train import checkpoint, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,14 +75,13 @@ def event_files(workdir):
 
 
 def read_scalars(files, tag):
-  """{step: value} of a scalar tag in TensorBoard event files (clu writes tensor summaries)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """{step: value} of a scalar tag in TensorBoard event files, read with TensorBoard's own loader."""
   out = {}
   for f in files:
-    for event in tf.compat.v1.train.summary_iterator(f):
+    for event in event_file_loader.EventFileLoader(f).Load():
       for v in event.summary.value:
         if v.tag == tag:
-          out[event.step] = float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
+          out[event.step] = float(tensor_util.make_ndarray(v.tensor))
   return out
 
 
@@ -172,12 +174,12 @@ def test_run_writes_events_checkpoints_and_config(run_a):
 
 def test_checkpoint_holds_the_trained_params(run_a):
   workdir = run_a["workdir"]
-  params = checkpoint.load_params(workdir)
+  params = weights.load_params(workdir)
   assert set(params) == {"encoder", "decoder"}
   assert params["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"].shape == (32, 96)
-  early = checkpoint.load_params(workdir, step=4)
+  early = weights.load_params(workdir, step=4)
   assert tree_max_diff(params, early) > 0  # step 12 is not step 4
-  state = checkpoint.load_params(workdir, subtree="")
+  state = weights.load_params(workdir, subtree="")
   assert int(state["step"]) == 12
 
 
@@ -203,16 +205,20 @@ def test_workdir_of_another_config_is_refused_and_untouched(run_a, tmp_path):
   assert "model.width" in message and "64" in message and workdir in message
   assert "allow_config_change" in message
   assert snapshot(workdir) == before
-  assert checkpoint.load_params(workdir)["encoder"]["cls_token"].shape == (1, 1, 32)
+  assert weights.load_params(workdir)["encoder"]["cls_token"].shape == (1, 1, 32)
 
 
-def test_finished_run_is_not_retrained(run_a, tmp_path):
+def test_finished_run_is_not_retrained(run_a, tmp_path, library_log):
   workdir = str(tmp_path / "run")
   shutil.copytree(run_a["workdir"], workdir)
-  ckpts = [f for f in snapshot(workdir)[0] if f[0].startswith("checkpoints")]
+  before = snapshot(workdir)
   final = loop.run(tiny(**RUN_A), workdir)
-  assert [f for f in snapshot(workdir)[0] if f[0].startswith("checkpoints")] == ckpts
-  assert "loss" not in final  # no step was taken
+  assert snapshot(workdir) == before   # nothing written: no step, no checkpoint, no event file
+  assert "already complete at step 12" in library_log.text
+  assert "compiled" not in library_log.text
+  # The stored final metrics of the run are returned again, marked as such.
+  assert final["already_complete"] == 1.0
+  assert final["loss"] == pytest.approx(run_a["final"]["loss"])
 
 
 # ------------------------------------------------------------------- resume
@@ -224,7 +230,8 @@ def _produce_resume(root):
   resumed, straight, crashed = (os.path.join(root, n) for n in ("resumed", "straight", "crashed"))
   first = loop.run(constant_lr(total_steps=6, checkpoint_every_steps=3), resumed)
   after_first = dict(ckpts=ckpt_steps(resumed), events=event_files(resumed))
-  final = loop.run(constant_lr(total_steps=10, checkpoint_every_steps=3), resumed)
+  # Continuing to more steps changes the schedule: an explicit, recorded change.
+  final = loop.run(constant_lr(total_steps=10, checkpoint_every_steps=3, allow_config_change=True), resumed)
   loop.run(constant_lr(total_steps=10, checkpoint_every_steps=3), straight)
   shutil.copytree(straight, crashed)
   for step in (9, 10):
@@ -243,21 +250,26 @@ def test_stop_and_resume_continues_from_saved_step(resume):
   assert resume["ckpts"] == [3, 6]
   assert math.isfinite(resume["first"]["loss"])
   assert ckpt_steps(resumed) == [3, 6, 9, 10]
-  assert int(checkpoint.load_params(resumed, subtree="")["step"]) == 10
+  assert int(weights.load_params(resumed, subtree="")["step"]) == 10
   new_files = [f for f in event_files(resumed) if f not in resume["events"]]
   assert sorted(read_scalars(new_files, "loss")) == [7, 8, 9, 10]  # the resumed run counts on from 6
   assert math.isfinite(resume["final"]["loss"])
   with open(os.path.join(resumed, "config.json")) as f:
     assert json.load(f)["total_steps"] == 10
+  # The change is on record: what the first six steps were trained with is kept.
+  with open(os.path.join(resumed, "config_history.jsonl")) as f:
+    entries = [json.loads(line) for line in f]
+  assert len(entries) == 1 and entries[0]["resumed_at_step"] == 6
+  assert entries[0]["changes"] == ["total_steps: 6 -> 10"] and entries[0]["previous"]["total_steps"] == 6
 
 
 def test_resume_is_exact(resume):
   """6 steps + 4 resumed steps == 10 straight steps, bit for bit (params and Adam moments)."""
   for step in (3, 6, 9, 10):
-    a, b = checkpoint.load_params(resume["straight"], step), checkpoint.load_params(resume["resumed"], step)
+    a, b = weights.load_params(resume["straight"], step), weights.load_params(resume["resumed"], step)
     assert tree_equal(a, b), f"step {step}: max |diff| = {tree_max_diff(a, b)}"
-  a = checkpoint.load_params(resume["straight"], subtree="opt_state")
-  b = checkpoint.load_params(resume["resumed"], subtree="opt_state")
+  a = weights.load_params(resume["straight"], subtree="opt_state")
+  b = weights.load_params(resume["resumed"], subtree="opt_state")
   assert tree_equal(a, b), f"opt_state: max |diff| = {tree_max_diff(a, b)}"
   # Per-step losses agree too (the masks of a step depend on the step only).
   straight = read_scalars(event_files(resume["straight"]), "loss")
@@ -271,7 +283,7 @@ def test_resume_from_mid_run_checkpoint_is_exact(resume):
   restarted from it ends where the straight run ended: the async save captured the right state and
   the right data-iterator position."""
   assert ckpt_steps(resume["crashed"]) == [3, 6, 9, 10]
-  a, b = checkpoint.load_params(resume["straight"]), checkpoint.load_params(resume["crashed"])
+  a, b = weights.load_params(resume["straight"]), weights.load_params(resume["crashed"])
   assert tree_equal(a, b), f"max |diff| = {tree_max_diff(a, b)}"
 
 
@@ -283,7 +295,7 @@ def test_videomae_tiny_end_to_end(tmp_path):
   final = loop.run(tiny("video", total_steps=3, checkpoint_every_steps=3), workdir)
   assert math.isfinite(final["loss"]) and final["loss"] > 0
   assert ckpt_steps(workdir) == [3]
-  params = checkpoint.load_params(workdir)
+  params = weights.load_params(workdir)
   enc = params["encoder"]
   assert enc["patch_embed"]["proj"]["kernel"].shape == (2, 4, 4, 3, 32)  # tubelet x patch x patch x C
   assert "cls_token" not in enc

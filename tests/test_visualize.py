@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 from PIL import Image
 
 from amd_jax import config_base, recipes, visualize
@@ -127,14 +128,10 @@ def test_heat_colours_run_from_dark_to_light():
 
 
 def image_summaries(workdir, tag):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  found = {}
-  for f in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(f):
-      for v in event.summary.value:
-        if v.tag == tag:
-          found[event.step] = Image.open(io.BytesIO(tf.make_ndarray(v.tensor)[2]))
-  return found
+  """{step: PIL image} of an image tag, read as TensorBoard reads it."""
+  accumulator = event_accumulator.EventAccumulator(workdir, size_guidance={event_accumulator.IMAGES: 0})
+  accumulator.Reload()
+  return {e.step: Image.open(io.BytesIO(e.encoded_image_string)) for e in accumulator.Images(tag)}
 
 
 def test_training_writes_pictures_and_the_cli_draws_a_run(tmp_path, capsys):

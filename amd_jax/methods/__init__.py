@@ -1,11 +1,15 @@
-"""Pre-training methods behind one interface (amd_jax.methods.base.Method).
+"""Methods behind one interface (amd_jax.methods.base.Method), and the registry that names them.
 
-`get_method(config)` maps config.method to its class. Imports are lazy so a
-method's dependencies load only when it is used.
+`get_method(config)` maps config.method to its class; a new method is one module here plus one
+line in REGISTRY. Imports are lazy so a method's dependencies load only when it is used.
 """
 from __future__ import annotations
 
 import importlib
+
+import ml_collections
+
+from amd_jax import config_base
 
 # name -> (module, class)
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -29,3 +33,16 @@ def get_method_class(name: str):
 
 def get_method(config):
   return get_method_class(config.method)(config)
+
+
+def known_fields(method_name: str) -> ml_collections.ConfigDict:
+  """The base config plus the fields the method adds (Method.extra_config), at their defaults."""
+  known = config_base.base_config()
+  for key, value in get_method_class(method_name).extra_config().items():
+    known[key] = value
+  return known
+
+
+def method_field_names(method_name: str) -> tuple[str, ...]:
+  """Top-level config fields the method adds (e.g. 'amd', 'teacher')."""
+  return tuple(get_method_class(method_name).extra_config().keys())

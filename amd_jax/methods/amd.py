@@ -27,13 +27,15 @@ import jax.numpy as jnp
 import ml_collections
 
 from amd_jax import config_base, losses, masking, targets
+from amd_jax.errors import ConfigError
 from amd_jax.methods.mae import MAE
-from amd_jax.models import flops, vit
+from amd_jax.models import flops, logical, vit
+from amd_jax.models.check import validate_model
 from amd_jax.models.decoders import MaskedTokenDecoder
 
 
 def _projection(width: int, dtype) -> nn.Dense:
-  return vit.Dense(width, use_bias=False, kernel_init=vit.dense_init, dtype=dtype)
+  return vit.Dense(width, use_bias=False, dtype=dtype, **vit.named_dense((logical.EMBED, logical.TEACHER_EMBED)))
 
 
 class AMD(MAE):
@@ -65,10 +67,9 @@ class AMD(MAE):
 
   @staticmethod
   def validate_config(config) -> None:
-    from amd_jax.config_validation import ConfigError, validate_model  # pylint: disable=g-import-not-at-top
     _, s_depth, _ = vit.resolve_variant(config.model.variant, config.model.width, config.model.depth,
                                         config.model.num_heads)
-    t_width, t_depth, _ = validate_model(config, config.teacher.model, "teacher.model")
+    t_width, t_depth, _ = validate_model(config.teacher.model, config.data, "teacher.model")
     a, t = config.amd, config.teacher
     try:
       s_layers, t_layers = config_base.parse_ints(a.student_layers), config_base.parse_ints(a.teacher_layers)
@@ -139,10 +140,10 @@ class AMD(MAE):
     return tokens[:, 1:] if has_cls else tokens
 
   # --- interface --------------------------------------------------------------
-  def init(self, rng, example_batch):
+  def init_with_axes(self, rng, example_batch):
     x = example_batch[self.input_key()]
     nm = self.nested_mask(jax.random.PRNGKey(0), x)
-    params = super().init(rng, example_batch)
+    params = super().init_with_axes(rng, example_batch)
     dtype = jnp.dtype(self.config.model.dtype)
     k_proj, k_gen, k_gproj = jax.random.split(jax.random.fold_in(rng, 1), 3)
     z = jnp.zeros((x.shape[0], nm.student.shape[1], self.student.width), jnp.float32)
@@ -158,7 +159,7 @@ class AMD(MAE):
                             for i in range(n)}
     return params
 
-  def teacher_init(self, rng, example_batch):
+  def teacher_init_with_axes(self, rng, example_batch):
     x = example_batch[self.input_key()]
     # All blocks (whatever the aligned layers) but no final norm: AMD aligns raw block outputs.
     full_teacher = vit.encoder_from_config(self.config.teacher.model, final_norm=False)

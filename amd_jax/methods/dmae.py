@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from amd_jax import config_base, losses, masking
+from amd_jax.errors import ConfigError
 from amd_jax.methods.mae import MAE
-from amd_jax.models import flops, vit
+from amd_jax.models import flops, logical, vit
+from amd_jax.models.check import validate_model
 
 # PyTorch's default init of Linear / Conv2d weights (kaiming_uniform, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -59,9 +61,8 @@ class DMAE(MAE):
 
   @staticmethod
   def validate_config(config) -> None:
-    from amd_jax.config_validation import ConfigError, validate_model  # pylint: disable=g-import-not-at-top
-    s_width, s_depth, s_heads = validate_model(config)
-    t_width, t_depth, t_heads = validate_model(config, config.teacher.model, "teacher.model")
+    s_width, s_depth, s_heads = validate_model(config.model, config.data)
+    t_width, t_depth, t_heads = validate_model(config.teacher.model, config.data, "teacher.model")
     d = config.dmae
     if config.data.modality != "image" or config.mask.kind != "random":
       raise ConfigError(f"D-MAE is an image method: config.data.modality={config.data.modality!r} and "
@@ -129,16 +130,18 @@ class DMAE(MAE):
 
   # --- interface ----------------------------------------------------------------
   def _hidden_projection(self) -> nn.Dense:
-    return nn.Dense(self.t_width, use_bias=False, kernel_init=torch_default_init,
+    return nn.Dense(self.t_width, use_bias=False,
+                    kernel_init=logical.with_axes(torch_default_init, (logical.EMBED, logical.TEACHER_EMBED)),
                     dtype=jnp.dtype(self.config.model.dtype))
 
-  def init(self, rng, example_batch):
-    params = super().init(rng, example_batch)
+  def init_with_axes(self, rng, example_batch):
+    params = super().init_with_axes(rng, example_batch)
     d = self.config.dmae
     k_attn, k_hidden = jax.random.split(jax.random.fold_in(rng, 1))
     if self.attn_s and (d.attn_adapter or self.s_heads != self.t_heads):
+      adapter_init = logical.with_axes(torch_default_init, (logical.STUDENT_HEADS, logical.TEACHER_HEADS))
       params["attn_adapters"] = {
-          f"adapter_{i}": {"kernel": torch_default_init(jax.random.fold_in(k_attn, i), (self.s_heads, self.t_heads))}
+          f"adapter_{i}": {"kernel": adapter_init(jax.random.fold_in(k_attn, i), (self.s_heads, self.t_heads))}
           for i in range(len(self.attn_s))}
     if self.hidden_s and (d.hidden_adapter or self.s_width != self.t_width):
       z = jnp.zeros((1, 1, self.s_width), jnp.float32)
@@ -147,7 +150,7 @@ class DMAE(MAE):
                                    for i in range(len(self.hidden_s))}
     return params
 
-  def teacher_init(self, rng, example_batch):
+  def teacher_init_with_axes(self, rng, example_batch):
     x = example_batch[self.input_key()]
     # Every block; the final norm only when a hidden target needs it (the loader drops an unused one).
     full = vit.encoder_from_config(self.config.teacher.model, final_norm=self.teacher_final_norm)

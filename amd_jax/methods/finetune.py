@@ -16,17 +16,18 @@ T^2-scaled KL at temperature T (soft). At test time both heads' logits are avera
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from amd_jax import config_base, losses, mixup
+from amd_jax import config_base, losses, methods, mixup, weights
+from amd_jax.errors import ConfigError
+from amd_jax.methods import layer_decay
 from amd_jax.methods.base import Method
 from amd_jax.models import classifier, flops, vit
+from amd_jax.models.check import validate_model
 
 POOLS = classifier.POOLS
 
@@ -57,8 +58,7 @@ class Finetune(Method):
 
   @staticmethod
   def validate_config(config) -> None:
-    from amd_jax.config_validation import ConfigError, validate_model  # pylint: disable=g-import-not-at-top
-    validate_model(config)
+    validate_model(config.model, config.data)
     f = config.finetune
     if f.pool not in POOLS:
       raise ConfigError(f"config.finetune.pool={f.pool!r} is not valid: allowed: {', '.join(POOLS)}")
@@ -74,7 +74,7 @@ class Finetune(Method):
         raise ConfigError(f"config.finetune.{name}={f[name]!r} is not valid: must be in [0, 1]")
     if config.data.num_classes < 2:
       raise ConfigError(f"config.data.num_classes={config.data.num_classes!r} is not valid: fine-tuning needs >= 2")
-    if f.init and not (os.path.isdir(f.init) or os.path.isfile(f.init)):
+    if f.init and not weights.exists(f.init):
       raise ConfigError(f"config.finetune.init={f.init!r} is neither a workdir nor a file: give the workdir of a "
                         "pre-training run, an official .pth/.safetensors, or '' to train from scratch")
 
@@ -87,7 +87,7 @@ class Finetune(Method):
     self.mix = mixup.config_from(f)
 
   # --- interface ----------------------------------------------------------
-  def init(self, rng, example_batch):
+  def init_with_axes(self, rng, example_batch):
     return self.model.init(rng, example_batch[self.input_key()])["params"]
 
   def mixed_batch(self, rng, batch):
@@ -113,8 +113,7 @@ class Finetune(Method):
     decay = self.config.finetune.layer_decay
     if decay >= 1.0:
       return None
-    from amd_jax.train import optim  # pylint: disable=g-import-not-at-top
-    return optim.layer_decay_scales(params, self.model.encoder.depth, decay)
+    return layer_decay.layer_decay_scales(params, self.model.encoder.depth, decay)
 
   def load_pretrained(self, params):
     """`params` with the encoder replaced by config.finetune.init's (host arrays), or None (scratch)."""
@@ -147,44 +146,26 @@ def classifier_flops(model: classifier.Classifier, x) -> float:
 FRESH_OK = ("dist_token", "norm")
 
 
+def _encoder_of_run(params: dict, source: str) -> dict:
+  """The encoder a run hands over, by the method that trained it (TinyMIM switches off its last MLP)."""
+  saved = weights.read_run_config(source)
+  if saved is None or saved.get("method") not in methods.REGISTRY:
+    return params["encoder"]
+  run_method = methods.get_method(weights.merge_config(methods.known_fields(saved["method"]), saved))
+  return run_method.encoder_for_transfer(params)
+
+
 def load_encoder(source: str, config, expected):
-  """Pre-trained encoder params from a workdir or a PyTorch file, fitted to the `expected` tree.
+  """Pre-trained encoder params from a workdir, a PyTorch file or a save_pretrained folder, fitted to
+  the `expected` tree (host arrays).
 
   The pre-training encoder's final `norm` is dropped for mean pooling (fc_norm replaces it);
   a distillation token is started fresh. Anything else that does not fit stops the run
   with the missing / unexpected / mis-shaped keys.
   """
-  from amd_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  m = config.model
-  _, depth, _ = vit.resolve_variant(m.variant, m.width, m.depth, m.num_heads)
-  if os.path.isdir(source):
-    from amd_jax import evaluate  # pylint: disable=g-import-not-at-top
-    _, run_method, params = evaluate.load_run(source)
-    if "encoder" not in params:
-      raise checkpoint.TeacherMismatchError(
-          f"config.finetune.init={source!r}: the run's params hold no 'encoder' (they hold "
-          f"{', '.join(sorted(params))})")
-    # A method may hand over its encoder differently (TinyMIM switches off its never-trained last MLP).
-    encoder = getattr(run_method, "transfer_encoder_params", lambda p: p["encoder"])(jax.device_get(params))
-  else:
-    from amd_jax.convert import load_torch_encoder  # pylint: disable=g-import-not-at-top
-    d = config.data
-    encoder = load_torch_encoder(source, m, final_norm=None, image_size=d.image_size, num_frames=d.num_frames,
-                                 in_chans=d.channels, modality=d.modality)
-  encoder = dict(vit.match_layout(encoder, bool(m.scan), depth))
-  dropped = []
-  if "norm" in encoder and "norm" not in expected:   # mean pooling: fc_norm takes its place
-    del encoder["norm"]
-    dropped.append("norm")
-  fresh = sorted(k for k in expected if k not in encoder)
-  for key in fresh:
-    if key in FRESH_OK:
-      encoder[key] = np.asarray(expected[key])
-  checkpoint.check_fit(expected, encoder, source, what="pre-trained encoder", field="config.model")
-  logging.info("pre-trained encoder from %s%s%s", source,
-               f"; dropped {', '.join(dropped)}" if dropped else "",
-               f"; started fresh: {', '.join(k for k in fresh if k in FRESH_OK)}" if fresh else "")
-  return jax.tree.map(lambda a: np.asarray(a, np.float32), encoder)
+  return weights.load_encoder(source, config.model, expected, data_cfg=config.data, field="config.finetune.init",
+                              hand_over=lambda params: _encoder_of_run(params, source), fresh_ok=FRESH_OK,
+                              what="pre-trained encoder", fit_field="config.model")
 
 
 class SpecificDistillation(Finetune):
@@ -209,9 +190,8 @@ class SpecificDistillation(Finetune):
 
   @staticmethod
   def validate_config(config) -> None:
-    from amd_jax.config_validation import ConfigError, validate_model  # pylint: disable=g-import-not-at-top
     Finetune.validate_config(config)
-    validate_model(config, config.teacher.model, "teacher.model")
+    validate_model(config.teacher.model, config.data, "teacher.model")
     d, t = config.distill, config.teacher
     if not config.model.cls_token:
       raise ConfigError("g2sd_sd needs config.model.cls_token=True: the distillation token follows the cls token")
@@ -230,7 +210,7 @@ class SpecificDistillation(Finetune):
     self.teacher = classifier.classifier_from_config(t.model, num_classes=config.data.num_classes, pool=t.pool)
     self.teacher_parts = ("encoder", "fc_norm", "head") if t.pool == "mean" else ("encoder", "head")
 
-  def teacher_init(self, rng, example_batch):
+  def teacher_init_with_axes(self, rng, example_batch):
     return self.teacher.init(rng, example_batch[self.input_key()])["params"]
 
   def loss(self, params, teacher_params, batch, rng):

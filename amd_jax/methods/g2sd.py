@@ -18,16 +18,15 @@ MAE run's workdir holds them. A teacher without decoder weights stops the run
 """
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from amd_jax import config_base, losses, masking
+from amd_jax import config_base, losses, masking, weights
+from amd_jax.errors import ConfigError
 from amd_jax.methods.base import Method
 from amd_jax.models import flops, vit
+from amd_jax.models.check import validate_model
 from amd_jax.models.decoders import FeaturePredictor, MaskedTokenDecoder
 
 # amd_jax methods whose params hold an MAE pixel decoder under 'decoder' (usable as a G2SD teacher).
@@ -77,9 +76,8 @@ class G2SD(Method):
 
   @staticmethod
   def validate_config(config) -> None:
-    from amd_jax.config_validation import ConfigError, validate_model  # pylint: disable=g-import-not-at-top
-    validate_model(config)
-    validate_model(config, config.teacher.model, "teacher.model")
+    validate_model(config.model, config.data)
+    validate_model(config.teacher.model, config.data, "teacher.model")
     g, td = config.g2sd, config.teacher.decoder
     if config.data.modality != "image" or config.mask.kind != "random":
       raise ConfigError(f"G2SD is an image method: config.data.modality={config.data.modality!r} and "
@@ -104,10 +102,9 @@ class G2SD(Method):
     if not source:
       raise ConfigError("config.teacher.checkpoint is empty: G2SD needs a pre-trained MAE teacher WITH its decoder "
                         "(an amd_jax MAE workdir or an official MAE checkpoint that includes the decoder)")
-    run_config = os.path.join(source, "config.json")
-    if os.path.isdir(source) and os.path.isfile(run_config):
-      with open(run_config) as f:
-        method = json.load(f).get("method")
+    saved = weights.read_run_config(source) if weights.is_run(source) else None
+    if saved is not None:
+      method = saved.get("method")
       if method not in PIXEL_DECODER_METHODS:
         raise ConfigError(f"config.teacher.checkpoint={source!r}: " + missing_decoder_message(
             f"that workdir holds a {method!r} run, whose params have no MAE decoder "
@@ -164,7 +161,7 @@ class G2SD(Method):
           "and 'decoder')"))
 
   # --- interface ----------------------------------------------------------------------
-  def init(self, rng, example_batch):
+  def init_with_axes(self, rng, example_batch):
     x = example_batch[self.input_key()]
     mask = self.draw_mask(jax.random.PRNGKey(0), x)
     k_enc, k_dec, k_pred = jax.random.split(rng, 3)
@@ -176,7 +173,7 @@ class G2SD(Method):
     pred = self.predictor().init(k_pred, h)["params"]
     return {"encoder": enc, "decoder": dec, "predictor": pred}
 
-  def teacher_init(self, rng, example_batch):
+  def teacher_init_with_axes(self, rng, example_batch):
     """The whole teacher MAE, {'encoder', 'decoder'} exactly as an MAE run's params (norm and pixel head included)."""
     x = example_batch[self.input_key()]
     mask = self.draw_mask(jax.random.PRNGKey(0), x)
@@ -196,7 +193,7 @@ class G2SD(Method):
     h = self.teacher_decoder(self.grid(x)).apply({"params": dec}, latent, mask.keep, mask.masked)
     return jax.lax.stop_gradient(feature_target(h))
 
-  def predict(self, params, x, mask: masking.Mask, rng=None) -> jax.Array:
+  def predict_targets(self, params, x, mask: masking.Mask, rng=None) -> jax.Array:
     train = rng is not None
     latent, _ = self.encoder.apply({"params": params["encoder"]}, x, mask.keep, train=train,
                                    rngs={"dropout": rng} if train else {})
@@ -209,7 +206,7 @@ class G2SD(Method):
     k_mask, k_drop = jax.random.split(rng)
     mask = self.draw_mask(k_mask, x)  # ONE mask: student and teacher see the same visible tokens
     target = self.teacher_targets(teacher_params, x, mask)
-    pred = self.predict(params, x, mask, k_drop)
+    pred = self.predict_targets(params, x, mask, k_drop)
     loss = losses.regression(pred, target, g.loss, g.smooth_l1_beta)
     return loss, {"loss_feature": loss}
 

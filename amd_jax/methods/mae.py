@@ -21,6 +21,7 @@ from amd_jax.models.decoders import MaskedTokenDecoder
 
 class MAE(Method):
   decoder_embed = "bias"   # MAE's decoder_embed Linear has a bias
+  can_reconstruct = True
 
   def __init__(self, config):
     super().__init__(config)
@@ -43,10 +44,10 @@ class MAE(Method):
     return MaskedTokenDecoder(
         width=d.width, depth=d.depth, num_heads=d.num_heads, grid=grid.shape, out_dim=patch_dim,
         mlp_ratio=d.mlp_ratio, qkv_bias=m.qkv_bias, pos_emb=m.pos_emb, has_cls=m.cls_token,
-        embed=self.decoder_embed, dtype=jnp.dtype(m.dtype))
+        embed=self.decoder_embed, dtype=jnp.dtype(m.dtype), init_scheme=m.init_scheme)
 
   # --- interface ----------------------------------------------------------
-  def init(self, rng, example_batch):
+  def init_with_axes(self, rng, example_batch):
     x = example_batch[self.input_key()]
     spec = self.mask_spec(x)
     mask = masking.random_mask(jax.random.PRNGKey(0), x.shape[0], spec, self.config.mask.ratio)

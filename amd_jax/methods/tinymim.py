@@ -26,8 +26,10 @@ import ml_collections
 import numpy as np
 
 from amd_jax import config_base, losses
+from amd_jax.errors import ConfigError
 from amd_jax.methods.base import Method
 from amd_jax.models import flops, vit
+from amd_jax.models.check import validate_model
 
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
 _GREY = (0.299, 0.587, 0.114)
@@ -118,9 +120,8 @@ class TinyMIM(Method):
 
   @staticmethod
   def validate_config(config) -> None:
-    from amd_jax.config_validation import ConfigError, validate_model  # pylint: disable=g-import-not-at-top
-    s_width, _, _ = validate_model(config)
-    t_width, t_depth, _ = validate_model(config, config.teacher.model, "teacher.model")
+    s_width, _, _ = validate_model(config.model, config.data)
+    t_width, t_depth, _ = validate_model(config.teacher.model, config.data, "teacher.model")
     c = config.tinymim
     if config.data.modality != "image":
       raise ConfigError(f"TinyMIM is an image method: config.data.modality={config.data.modality!r} must be 'image'")
@@ -178,10 +179,10 @@ class TinyMIM(Method):
                                    last_block_num_heads=self.config.tinymim.teacher_last_heads)
 
   # --- interface ----------------------------------------------------------------
-  def init(self, rng, example_batch):
+  def init_with_axes(self, rng, example_batch):
     return {"encoder": self.encoder.init(rng, example_batch[self.input_key()])["params"]}
 
-  def teacher_init(self, rng, example_batch):
+  def teacher_init_with_axes(self, rng, example_batch):
     # Every block, no final norm (relations are read inside a block; the loader drops a saved norm).
     return self._full_teacher().init(rng, example_batch[self.input_key()])["params"]
 
@@ -218,7 +219,7 @@ class TinyMIM(Method):
     loss_vv = losses.relation_kl(s_vv, t_vv)
     return c.factor_qk * loss_qk + c.factor_vv * loss_vv, {"loss_qk": loss_qk, "loss_vv": loss_vv}
 
-  def transfer_encoder_params(self, params):
+  def encoder_for_transfer(self, params):
     """Encoder params to fine-tune from, with the never-trained last MLP switched off (host-side).
 
     Pre-training never reaches the last block's MLP (its weights stay random, and weight

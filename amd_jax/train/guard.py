@@ -10,7 +10,9 @@ config.nan_policy:
         including the optimizer's own step count, stay as they were) but the
         step counter, hence the data and the masks, moves on. The metric
         `nonfinite_steps` counts the skipped steps of each log window; the
-        window's means are over its finite steps.
+        window's means are over its finite steps. A run that skips
+        config.nan_max_skips steps in a row stops as under 'stop': it is not
+        learning any more.
   off   no check at all: the step is applied whatever its values.
 """
 from __future__ import annotations
@@ -23,8 +25,11 @@ from absl import logging
 POLICIES = ("stop", "skip", "off")
 COUNT = "nonfinite_steps"          # logged: non-finite steps in the window
 FIRST = "first_nonfinite_step"     # internal: the window's first non-finite step
+LAST_FINITE = "last_finite_step"   # internal: the window's last finite step (0: none)
 _NO_STEP = np.iinfo(np.int32).max
-_COUNTERS = (COUNT, FIRST)
+COUNTERS = (COUNT, FIRST, LAST_FINITE)
+# How a window reduces the counters over its steps (the metrics themselves are summed).
+REDUCTIONS = {FIRST: jnp.minimum, LAST_FINITE: jnp.maximum}
 
 
 class NonFiniteError(FloatingPointError):
@@ -49,26 +54,12 @@ def flag_step(out: dict, finite, step, policy: str) -> dict:
   out = dict(out)
   out[COUNT] = jnp.where(finite, 0, 1).astype(jnp.int32)
   out[FIRST] = jnp.where(finite, _NO_STEP, step).astype(jnp.int32)
-  return out
-
-
-def accumulate(acc: dict, metrics: dict) -> dict:
-  """Sum of the window's metrics; the first non-finite step is a minimum."""
-  return {k: jnp.minimum(acc[k], v) if k == FIRST else acc[k] + v for k, v in metrics.items()}
-
-
-def window_means(values: dict, count: int) -> dict[str, float]:
-  """Host scalars of one log window: means over its finite steps, and the count of non-finite ones."""
-  bad = int(values.get(COUNT, 0))
-  good = count - bad
-  out = {k: float(v) / good for k, v in values.items() if k not in _COUNTERS and good > 0}
-  if COUNT in values:
-    out[COUNT] = float(bad)
+  out[LAST_FINITE] = jnp.where(finite, step, 0).astype(jnp.int32)
   return out
 
 
 def nonfinite_terms(values: dict) -> list[str]:
-  return sorted(k for k, v in values.items() if k not in _COUNTERS and not np.all(np.isfinite(v)))
+  return sorted(k for k, v in values.items() if k not in COUNTERS and not np.all(np.isfinite(v)))
 
 
 @jax.jit
@@ -87,18 +78,28 @@ class NanGuard:
   """The loop's host side of the policy. `checkpoints` (a train.checkpoint.Checkpointer) is
   waited for before stopping, so a save already under way (of a checked state) completes."""
 
-  def __init__(self, policy: str, checkpoints=None):
+  def __init__(self, policy: str, checkpoints=None, max_skips: int = 20, start_step: int = 0):
     if policy not in POLICIES:
       raise ValueError(f"nan_policy={policy!r}; allowed: {', '.join(POLICIES)}")
     self.policy = policy
+    self.max_skips = max_skips
     self._checkpoints = checkpoints
+    self._last_finite = start_step   # the last step known to be finite (the run's start counts)
 
   def check_window(self, values: dict, end_step: int) -> None:
-    """Raise NonFiniteError under 'stop' if the window ending at `end_step` held a non-finite step."""
+    """Raise NonFiniteError under 'stop' if the window ending at `end_step` held a non-finite step,
+    and under 'skip' once max_skips steps in a row were skipped."""
     bad = int(values.get(COUNT, 0))
+    if LAST_FINITE in values:
+      self._last_finite = max(self._last_finite, int(values[LAST_FINITE]))
     if bad and self.policy == "skip":
       logging.warning("skipped %d non-finite step(s) up to step %d (the first: step %d).", bad, end_step,
                       int(values[FIRST]))
+      in_a_row = end_step - self._last_finite
+      if in_a_row >= self.max_skips:
+        self._stop(f"{in_a_row} steps in a row were non-finite and skipped (steps {self._last_finite + 1}-"
+                   f"{end_step}; config.nan_max_skips={self.max_skips}): the run is not learning any more.",
+                   advice="Lower the learning rate, set optim.grad_clip, or check the data (normalisation).")
     if self.policy != "stop" or not bad:
       return
     first = int(values[FIRST])
@@ -118,12 +119,13 @@ class NanGuard:
       shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
       self._stop(f"the train state at step {step} holds non-finite values ({shown}); it was not saved.")
 
-  def _stop(self, message: str):
+  def _stop(self, message: str, advice: str = ""):
     last = None
     if self._checkpoints is not None:
       self._checkpoints.wait()
       last = self._checkpoints.latest_step()
     kept = f"The checkpoints are left as they were (latest: step {last})." if last is not None else \
         "No checkpoint was written."
-    raise NonFiniteError(f"{message} {kept} Lower the learning rate, set optim.grad_clip, check the data "
-                         "(normalisation), or pass --config.nan_policy=skip to skip such steps.")
+    advice = advice or ("Lower the learning rate, set optim.grad_clip, check the data (normalisation), or pass "
+                        "--config.nan_policy=skip to skip such steps.")
+    raise NonFiniteError(f"{message} {kept} {advice}")

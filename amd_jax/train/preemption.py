@@ -17,6 +17,11 @@ agree every `agree_every` steps through a small all-gather of their flags.
 The previous handlers are restored when the run ends; a signal that arrived
 after the last step (during the final save or evaluation) is delivered again
 then, so the process still ends as the sender asked.
+
+Long blocking phases before the first step (restoring a checkpoint, compiling the
+step) run through `interruptible`: a signal during them stops the run within a
+fraction of a second (there is nothing new to save), instead of after the phase;
+a TPU's preemption notice leaves about 30 s.
 """
 from __future__ import annotations
 
@@ -38,13 +43,20 @@ def exit_code(signal_name: str) -> int:
 
 
 class Preempted(Exception):
-  """The run stopped on a signal after checkpointing the step it had reached."""
+  """The run stopped on a signal after checkpointing the step it had reached (or, during set-up,
+  with nothing new to save: `during` names the phase, and a worker thread may still be busy in it)."""
 
-  def __init__(self, signal_name: str, step: int, checkpoint_dir: str):
+  def __init__(self, signal_name: str, step: int | None, checkpoint_dir: str, during: str = ""):
     self.signal_name, self.step, self.checkpoint_dir = signal_name, step, checkpoint_dir
+    self.during = during
     self.exit_code = exit_code(signal_name)
-    super().__init__(f"received {signal_name} at step {step}; checkpoint written to {checkpoint_dir}; "
-                     "rerun the same command to resume")
+    if during:
+      message = (f"received {signal_name} while {during}; nothing new to save (checkpoints in {checkpoint_dir} "
+                 "are as they were); rerun the same command to resume")
+    else:
+      message = (f"received {signal_name} at step {step}; checkpoint written to {checkpoint_dir}; "
+                 "rerun the same command to resume")
+    super().__init__(message)
 
 
 def _preemption_service_running() -> bool:
@@ -107,6 +119,35 @@ class StopRequest:
     if np.any(flags) and self.signal_name is None:
       self.signal_name = "SIGTERM"   # another process received it
     return bool(np.any(flags))
+
+  def interruptible(self, fn, during: str, checkpoint_dir: str):
+    """fn() in a worker thread, the main thread watching for a signal: one stops the run at once.
+
+    Multi-process runs (and runs outside the main thread) call fn() directly: their processes must
+    stop together, at a step.
+    """
+    if self._use_jax_sync or jax.process_count() > 1 or not self._previous:
+      return fn()
+    outcome = {}
+
+    def work():
+      try:
+        outcome["value"] = fn()
+      except BaseException as e:  # pylint: disable=broad-except
+        outcome["error"] = e
+
+    worker = threading.Thread(target=work, name=f"amd_jax: {during}", daemon=True)
+    worker.start()
+    while worker.is_alive():
+      worker.join(0.1)
+      if self.signal_name is not None and worker.is_alive():
+        error = Preempted(self.signal_name, None, checkpoint_dir, during=during)
+        logging.warning("%s", error)
+        self.stop_step = -1   # handled: nothing to deliver again at exit
+        raise error
+    if "error" in outcome:
+      raise outcome["error"]
+    return outcome["value"]
 
   def preempted(self, checkpoint_dir: str) -> Preempted:
     """The exception to raise once the stop step is saved (and logged as it is)."""

@@ -1,4 +1,4 @@
-"""Device mesh, parameter/state shardings from name rules, activation rules, and batch sharding.
+"""Device mesh, parameter/state shardings from logical axis names, activation rules, and batch sharding.
 
 Axes: 'data' (pure data parallel), 'fsdp' (data parallel with parameters and
 optimizer state sharded), 'tensor' (Megatron-style split of attention and MLP
@@ -12,11 +12,15 @@ slow data-centre network, while fsdp and tensor stay inside a slice's ICI.
 Activations carry logical axis names (amd_jax.models.logical); `DEFAULT_RULES`
 maps them onto the mesh, config.mesh.rules overrides single names, and
 `activation_sharding` makes the mapping visible to the model while it is traced.
+
+Parameters carry logical axis names too, declared where the models create them;
+`PARAM_RULES` says which mesh axes each name may be split over and `tree_shardings`
+lays out a whole train state (params, Adam moments, EMA) or a teacher from them.
 """
 from __future__ import annotations
 
 import contextlib
-import re
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -24,6 +28,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from amd_jax.models import logical
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -142,50 +148,81 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-# Tensor-parallel rules on 2-D kernels [in, out] (matched on the leaf's path):
-# column-split the layers that fan out, row-split those that fan back in.
-_COLUMN = re.compile(r"(qkv|fc1)/kernel$")
-_ROW = re.compile(r"(attn/proj|fc2)/kernel$")
+# Parameter axis name -> the mesh axes it may be split over. Resolution, per parameter (param_spec):
+#  - 'tensor' first, Megatron style, on matrices only: the layers that fan out are split along their
+#    outputs (qkv, fc1: 'qkv' and 'mlp' axes), those that fan back in along their inputs (attn proj, fc2:
+#    'heads' and 'mlp' axes), so each device keeps whole attention heads and MLP units between the two;
+#  - then 'fsdp' (ZeRO-3: storage only, the step gathers a parameter before using it) on the LARGEST axis
+#    left that it divides, the first on ties: the most even split and the fewest parameters that stay whole;
+#  - a parameter with a single axis (bias, norm scale, q/v bias) stays whole: splitting a few hundred
+#    numbers saves nothing and adds a gather; a scanned stack's vectors [layers, n] are split like matrices;
+#  - the 'layers' axis of a scanned stack is never split (each scan step reads one layer whole);
+#  - a mesh axis is used once per parameter, and only where it divides the axis evenly.
+# Names the table does not list (a user's own module) and unnamed axes may take 'fsdp' only, so a plain
+# tree without names (a teacher read from a file) gets the fsdp layout and no tensor split.
+_FSDP_ONLY = ("fsdp",)
+PARAM_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (logical.LAYERS, ()),
+    (logical.QKV, ("tensor", "fsdp")),
+    (logical.HEADS, ("tensor", "fsdp")),
+    (logical.MLP, ("tensor", "fsdp")),
+    (logical.EMBED, _FSDP_ONLY),
+    (logical.ENCODER_EMBED, _FSDP_ONLY),
+    (logical.TEACHER_EMBED, _FSDP_ONLY),
+    (logical.STUDENT_HEADS, _FSDP_ONLY),
+    (logical.TEACHER_HEADS, _FSDP_ONLY),
+    (logical.TUBELET, _FSDP_ONLY),
+    (logical.PATCH_HEIGHT, _FSDP_ONLY),
+    (logical.PATCH_WIDTH, _FSDP_ONLY),
+    (logical.CHANNELS, _FSDP_ONLY),
+    (logical.PATCH_PIXELS, _FSDP_ONLY),
+    (logical.CLASSES, _FSDP_ONLY),
+)
+# The order in which mesh axes are placed: tensor's place is fixed by the layer's role, fsdp takes what is left.
+_PARAM_MESH_AXES = ("tensor", "fsdp")
 
 
-def _path_str(path) -> str:
-  parts = []
-  for p in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(p, attr):
-        parts.append(str(getattr(p, attr)))
-        break
-  return "/".join(parts)
-
-
-def leaf_spec(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp: bool = True) -> P:
-  """PartitionSpec of one parameter-shaped leaf (params, Adam moments alike)."""
+def param_spec(names: Sequence[str | None], shape: Sequence[int], mesh_shape: dict[str, int],
+               fsdp: bool = True, rules=PARAM_RULES) -> P:
+  """PartitionSpec of one parameter-shaped leaf (a parameter, its Adam moments, its EMA) from its axis names."""
+  shape, names = tuple(shape), tuple(names)
+  if len(names) != len(shape):
+    raise ValueError(f"{len(names)} axis names {names} for a parameter of shape {shape}")
   if len(shape) < 2:
     return P()
-  spec = [None] * len(shape)
-  tensor = mesh.shape["tensor"]
-  # Scanned stacks carry a leading layer axis: rules apply to the trailing [in, out].
-  if tensor > 1 and len(shape) >= 2:
-    if _COLUMN.search(path) and shape[-1] % tensor == 0:
-      spec[-1] = "tensor"
-    elif _ROW.search(path) and shape[-2] % tensor == 0:
-      spec[-2] = "tensor"
-  n = mesh.shape["fsdp"]
-  if fsdp and n > 1:
-    # Shard the largest remaining axis that divides evenly.
-    order = sorted(range(len(shape)), key=lambda i: -shape[i])
-    for i in order:
-      if spec[i] is None and shape[i] % n == 0 and shape[i] >= n:
-        spec[i] = "fsdp"
-        break
+  table = dict(rules)
+  allowed = [table.get(name, _FSDP_ONLY) if name is not None else _FSDP_ONLY for name in names]
+  is_matrix = sum(name != logical.LAYERS for name in names) >= 2
+  spec: list[str | None] = [None] * len(shape)
+  for axis in _PARAM_MESH_AXES:
+    size = mesh_shape.get(axis, 1)
+    if size == 1 or (axis == "fsdp" and not fsdp) or (axis == "tensor" and not is_matrix):
+      continue
+    fits = [i for i in range(len(shape)) if spec[i] is None and axis in allowed[i] and shape[i] % size == 0]
+    if fits:
+      spec[max(fits, key=lambda i: shape[i])] = axis   # max keeps the first of equals
   return P(*spec)
 
 
+def _is_boxed(leaf) -> bool:
+  return isinstance(leaf, nn.meta.AxisMetadata)
+
+
+def tree_specs(tree, mesh_shape: dict[str, int], fsdp: bool = True):
+  """PartitionSpecs for the UNBOXED form of `tree`: leaves boxed with axis names (jax.eval_shape of an
+  init that keeps them) are laid out by their names, plain leaves (arrays, ShapeDtypeStructs) by fsdp alone."""
+  def one(leaf):
+    names = getattr(leaf, "names", None) if _is_boxed(leaf) else None
+    shape = tuple(nn.meta.unbox(leaf).shape)
+    return param_spec(names if names is not None else (None,) * len(shape), shape, mesh_shape, fsdp)
+  return jax.tree.map(one, tree, is_leaf=_is_boxed)
+
+
 def tree_shardings(abstract_tree, mesh: Mesh, fsdp: bool = True):
-  """NamedShardings for every leaf of a tree of ShapeDtypeStructs (or arrays)."""
-  def one(path, leaf):
-    return NamedSharding(mesh, leaf_spec(_path_str(path), tuple(leaf.shape), mesh, fsdp))
-  return jax.tree_util.tree_map_with_path(one, abstract_tree)
+  """NamedShardings for the unboxed form of `abstract_tree` (see tree_specs), e.g. jax.eval_shape of the
+  train state built from the methods' boxed init: the result matches `unbox(abstract_tree)` leaf for leaf."""
+  specs = tree_specs(abstract_tree, dict(mesh.shape), fsdp)
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
@@ -217,4 +254,4 @@ def to_host(tree):
 
 def unbox(tree):
   """The plain arrays (or ShapeDtypeStructs) of a tree whose leaves may carry flax partitioning metadata."""
-  return nn.meta.unbox(tree)
+  return logical.unbox(tree)
