@@ -1,4 +1,5 @@
-"""PyTorch interop: parity with transformers' ViTMAE / VideoMAE, official naming, round trips, CLI, errors.
+"""PyTorch interop: parity with transformers' ViTMAE / VideoMAE, official naming (MAE, VideoMAE, whole AMD
+students), round trips, the layout detected for every naming, the CLI, errors.
 
 transformers' ViTMAE and VideoMAE are independent PyTorch implementations of the
 MAE / VideoMAE architectures. Each parity test random-initialises one (every bias,
@@ -8,11 +9,14 @@ the encoder output, every block output and the pre-training loss under the same 
 naming path renames the transformers weights to the official keys by hand (below,
 independently of amd_jax.convert) and must give the same Flax params bit for bit; the
 exported state dicts load strictly into small PyTorch modules with the official module
-names. Small shapes keep the whole file to seconds on two CPU cores.
+names (written here, independently of the official repositories; for AMD: the student's
+projection heads and generators, whose mask tokens the official model never registers).
+Small shapes keep the whole file to seconds on two CPU cores.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -768,3 +772,373 @@ def test_cli_to_torch_from_workdir(tmp_path, capsys):
   assert cli.main(["to_torch", "--workdir", workdir, "--output", str(tmp_path / "x.pth"), "--arch", "vit_tiny",
                    "--width", str(W), "--depth", str(DEPTH), "--num_heads", "2", "--patch_size", str(PATCH)]) == 2
   assert "num_heads" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Official AMD students, whole: projection heads and generators (MCG-NJU/AMD module names)
+# ------------------------------------------------------------------------------------------------------------
+TEACHER_W, PAIRS, GEN_DEPTH = 128, 2, 2   # the generators work at the teacher width; heads = width / 64
+
+
+class OfficialGenerator(torch.nn.Module):
+  """AMD's Generator: blocks at the teacher width and a final norm its forward never applies."""
+
+  def __init__(self, dim, depth):
+    super().__init__()
+    self.blocks = torch.nn.ModuleList([OfficialBlock(dim, dim // 64, "qv") for _ in range(depth)])
+    self.norm = torch.nn.LayerNorm(dim, eps=1e-6)
+
+  def forward(self, x, num_targets):
+    for blk in self.blocks:
+      x = blk(x)
+    return x[:, -num_targets:]
+
+
+class OfficialAMDStudent(torch.nn.Module):
+  """AMD's PretrainAMD module names: encoder (+ projection_heads), generators, decoder, encoder_to_decoder,
+  mask_token. Like the official model it keeps the generator mask tokens in a plain list (never registered)."""
+
+  def __init__(self):
+    super().__init__()
+    self.encoder = OfficialViT(video=True)
+    self.encoder.projection_heads = torch.nn.ModuleList(
+        [torch.nn.Linear(W, TEACHER_W, bias=False) for _ in range(PAIRS)])
+    self.generators = torch.nn.ModuleList([OfficialGenerator(TEACHER_W, GEN_DEPTH) for _ in range(PAIRS)])
+    self.generator_mask_tokens = [torch.nn.Parameter(torch.randn(1, 1, TEACHER_W) * 0.02) for _ in range(PAIRS)]
+    self.decoder = torch.nn.Module()
+    self.decoder.blocks = torch.nn.ModuleList([OfficialBlock(DEC_W, DEC_HEADS, "qv") for _ in range(DEC_DEPTH)])
+    self.decoder.norm = torch.nn.LayerNorm(DEC_W, eps=1e-6)
+    self.decoder.head = torch.nn.Linear(DEC_W, 3 * TUBELET * PATCH**2)
+    self.encoder_to_decoder = torch.nn.Linear(W, DEC_W, bias=False)
+    self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, DEC_W))
+
+  def generate(self, i, student_feature, vis_idx, diff_idx, table):
+    """The generation path of the official forward: project, add positions, append mask tokens, generate."""
+    feat = self.encoder.projection_heads[i](student_feature)
+    pos = lambda idx: table[0][idx]
+    x = torch.cat([feat + pos(vis_idx), self.generator_mask_tokens[i] + pos(diff_idx)], dim=1)
+    return feat, self.generators[i](x, diff_idx.shape[1])
+
+
+def amd_method_config(shared_heads=True):
+  from amd_jax import recipes  # pylint: disable=g-import-not-at-top
+  c = recipes.with_method_fields(amd_config(video=True), "amd")
+  c.model.init_scheme = "videomae"   # the official video initialisation (mask tokens cut at +-0.02)
+  c.teacher.model.update(variant="tiny", width=TEACHER_W, depth=2, num_heads=2, patch_size=PATCH,
+                         tubelet_size=TUBELET, cls_token=False, qkv_bias="qv", pos_emb="sincos1d")
+  c.amd.update(student_layers="1,2", teacher_layers="1,2", generator_depth=GEN_DEPTH, generator_heads=0,
+               shared_heads=shared_heads)
+  c.teacher.mask_ratio, c.teacher.checkpoint = 0.5, "random"
+  return c
+
+
+def amd_example():
+  return {"video": jnp.asarray(np.random.default_rng(11).standard_normal((BATCH, FRAMES, IMG, IMG, 3)),
+                               jnp.float32)}
+
+
+@functools.lru_cache(maxsize=None)
+def _amd_abstract(shared_heads: bool):
+  from amd_jax.methods.amd import AMD  # pylint: disable=g-import-not-at-top
+  return jax.eval_shape(AMD(amd_method_config(shared_heads)).init, jax.random.PRNGKey(0), amd_example())
+
+
+def amd_params(shared_heads=True, seed=21) -> dict:
+  """AMD.init's tree (video student at the small test size) with non-trivial random values."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(np.float32),
+                      _amd_abstract(shared_heads))
+
+
+def _shapes(tree):
+  return {"/".join(p): tuple(np.shape(v)) for p, v in mapping.flatten(tree).items()}
+
+
+def test_amd_student_exports_strictly_and_computes_as_official(tmp_path):
+  from amd_jax.methods.amd import AMD  # pylint: disable=g-import-not-at-top
+  c = amd_method_config()
+  params = amd_params()
+  arch = convert.arch_from_run_config(c)
+  assert arch.amd == mapping.AMDArch(teacher_width=TEACHER_W, num_pairs=PAIRS, generator_depth=GEN_DEPTH)
+  sd = convert.flax_to_torch(params, arch, "amd", parts=("encoder", "decoder", "amd"))
+  official = OfficialAMDStudent()
+  official.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  assert {"encoder.projection_heads.1.weight", "generators.1.blocks.1.attn.q_bias", "generators.0.norm.weight"} <= set(sd)
+  # The generators' norm is exported as the identity (the official forward never applies it).
+  np.testing.assert_array_equal(sd["generators.0.norm.weight"], np.ones(TEACHER_W, np.float32))
+  np.testing.assert_array_equal(sd["generators.0.norm.bias"], np.zeros(TEACHER_W, np.float32))
+  # Same numbers on both sides: projection heads and generators on one nested mask.
+  method = AMD(c)
+  x = amd_example()["video"]
+  nm = method.nested_mask(jax.random.PRNGKey(3), x)
+  z = np.random.default_rng(4).standard_normal((BATCH, nm.student.shape[1], W)).astype(np.float32)
+  gen = method.generator(method.grid(x))
+  table = torch.from_numpy(mapping.fixed_table(arch, TEACHER_W))
+  for i in range(PAIRS):
+    ours_proj = z @ params["projections"][f"proj_{i}"]["kernel"]
+    ours = gen.apply({"params": params["generators"][f"gen_{i}"]}, jnp.asarray(ours_proj), nm.student, nm.diff)
+    with torch.no_grad():
+      official.generator_mask_tokens[i].copy_(torch.from_numpy(params["generators"][f"gen_{i}"]["mask_token"]))
+      proj, theirs = official.generate(i, torch.from_numpy(z), torch.from_numpy(np.array(nm.student)).long(),
+                                       torch.from_numpy(np.array(nm.diff)).long(), table)
+    assert maxdiff(ours_proj, proj.numpy()) < TOL
+    assert maxdiff(ours, theirs.numpy()) < TOL
+
+
+def test_official_amd_checkpoint_converts_whole(tmp_path):
+  """The official trainer's file (no generator mask tokens) -> AMD.init's exact tree; tokens from a file or init."""
+  from amd_jax.methods.amd import AMD  # pylint: disable=g-import-not-at-top
+  c = amd_method_config()
+  params = amd_params(seed=22)
+  arch = convert.arch_from_run_config(c)
+  official = OfficialAMDStudent()
+  sd = convert.flax_to_torch(params, arch, "amd", parts=("encoder", "decoder", "amd"))
+  official.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  with torch.no_grad():
+    official.generators[1].norm.weight.add_(1.0)   # an unused norm that is not the identity
+  path = str(tmp_path / "checkpoint-199.pth")
+  torch.save({"model": official.state_dict(), "epoch": 199, "args": argparse.Namespace(model="pretrain_amd")}, path)
+  assert not any("mask_tokens" in k for k in official.state_dict())   # never registered, never saved
+  tokens = np.stack([t.detach().numpy() for t in official.generator_mask_tokens])
+  tokens_file = str(tmp_path / "tokens.npy")
+  np.save(tokens_file, tokens)
+
+  back, report = convert.load_torch_checkpoint(path, arch, parts=("encoder", "decoder", "amd"), strict=True,
+                                               generator_mask_tokens=tokens_file)
+  assert report.layout == "amd" and report.parts == ["encoder", "decoder", "amd"]
+  assert _shapes(back) == _shapes(_amd_abstract(True))          # exactly AMD.init's tree
+  expected = jax.tree.map(np.array, params)
+  for i in range(PAIRS):
+    expected["generators"][f"gen_{i}"]["mask_token"] = tokens[i]
+  assert_trees_bit_equal(back, expected)
+  assert any(why == mapping.IDLE_REASON for why in report.unused.values())
+  assert sorted(k for k, why in report.unused.items() if why == mapping.IDLE_REASON) == [
+      f"generators.{i}.norm.{n}" for i in range(PAIRS) for n in ("bias", "weight")]
+  assert any(f"from {tokens_file}" in n for n in report.notes)
+  # Without a tokens file: amd_jax's init draws them (the report says so); everything else is unchanged.
+  drawn, report2 = convert.load_torch_checkpoint(path, arch, parts=("encoder", "decoder", "amd"))
+  assert any("drawn with amd_jax's generator init" in n for n in report2.notes)
+  token0 = drawn["generators"]["gen_0"]["mask_token"]
+  assert token0.shape == (1, 1, TEACHER_W) and np.abs(token0).max() <= 0.02 and 0.005 < token0.std() < 0.02
+  assert not np.array_equal(token0, drawn["generators"]["gen_1"]["mask_token"])
+  assert_trees_bit_equal(drawn["encoder"], params["encoder"])
+  # The converted tree trains as an AMD student: its loss equals the original params' loss.
+  method = AMD(c)
+  teacher = method.teacher_init(jax.random.PRNGKey(5), amd_example())
+  loss = jax.jit(lambda p: method.loss(p, teacher, amd_example(), jax.random.PRNGKey(6))[0])
+  assert float(loss(back)) == float(loss(expected))
+  # Asked for the AMD parts without naming them: a clear error.
+  with pytest.raises(mapping.ConversionError, match="AMD parts were asked for"):
+    convert.load_torch_checkpoint(path, dataclasses.replace(arch, amd=None), parts=("encoder", "amd"))
+  # As a teacher, the same file gives the encoder and reports the rest.
+  enc, report3 = convert.load_torch_encoder(path, c.model, num_frames=FRAMES, image_size=IMG, return_report=True)
+  assert_trees_bit_equal(enc, params["encoder"])
+  assert any("projection heads" in why for why in report3.unused.values())
+
+
+def test_amd_export_file_round_trip_keeps_mask_tokens(tmp_path):
+  """export_torch writes the mask tokens beside the file; reading it back needs no option."""
+  c = amd_method_config()
+  params = amd_params(seed=23)
+  arch = convert.arch_from_run_config(c)
+  path = str(tmp_path / "whole.safetensors")
+  convert.export_torch(params, path, arch, "amd", parts=("encoder", "decoder", "amd"))
+  assert os.path.exists(path + convert.MASK_TOKENS_SUFFIX)
+  back, report = convert.load_torch_checkpoint(path, arch, parts=("encoder", "decoder", "amd"), strict=True)
+  assert_trees_bit_equal(back, params)
+  assert any(convert.MASK_TOKENS_SUFFIX in n for n in report.notes)
+  os.remove(path + convert.MASK_TOKENS_SUFFIX)
+  with pytest.raises(FileNotFoundError, match="generator mask tokens"):
+    convert.load_torch_checkpoint(path, arch, parts=("encoder", "decoder", "amd"))
+  back2, _ = convert.load_torch_checkpoint(path, arch, parts=("encoder", "decoder", "amd"),
+                                           generator_mask_tokens="init")
+  assert_trees_bit_equal(back2["projections"], params["projections"])
+
+
+def test_amd_separate_generator_projections():
+  """amd.shared_heads=False: imported as copies of the (shared) official heads; export refuses distinct ones."""
+  c = amd_method_config(shared_heads=False)
+  params = amd_params(shared_heads=False, seed=24)
+  arch = convert.arch_from_run_config(c)
+  assert not arch.amd.shared_heads
+  with pytest.raises(mapping.ConversionError, match="separate generator projections"):
+    convert.flax_to_torch(params, arch, "amd", parts=("encoder", "decoder", "amd"))
+  params["generator_projections"] = jax.tree.map(np.array, params["projections"])
+  sd = convert.flax_to_torch(params, arch, "amd", parts=("encoder", "decoder", "amd"))
+  OfficialAMDStudent().load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  back, report = convert.torch_to_flax(sd, arch, "amd", parts=("encoder", "decoder", "amd"),
+                                       generator_mask_tokens=mapping.generator_mask_tokens(params))
+  assert _shapes(back) == _shapes(_amd_abstract(False))
+  assert_trees_bit_equal(back, params)
+  assert any("copies of the projection heads" in n for n in report.notes)
+
+
+def test_amd_part_errors():
+  c = amd_method_config()
+  params = amd_params(seed=25)
+  arch = convert.arch_from_run_config(c)
+  with pytest.raises(mapping.ConversionError, match="only in the 'amd' layout"):
+    convert.flax_to_torch(params, arch, "videomae", parts=("encoder", "amd"))
+  with pytest.raises(mapping.ConversionError, match="under 'encoder.'"):
+    convert.flax_to_torch(params, arch, "amd", parts=("encoder", "amd"), encoder_prefix="")
+  # One generator block too many in the file: the architecture decides, the extra keys are unexpected.
+  sd = convert.flax_to_torch(params, arch, "amd", parts=("encoder", "decoder", "amd"))
+  sd["generators.0.blocks.2.norm1.weight"] = np.ones(TEACHER_W, np.float32)
+  with pytest.raises(mapping.ConversionError, match="unexpected keys"):
+    convert.torch_to_flax(sd, arch, "amd", parts=("encoder", "decoder", "amd"), strict=True)
+  # Wrong teacher width: the projection head's shape names both.
+  wrong = dataclasses.replace(arch, amd=mapping.AMDArch(teacher_width=2 * TEACHER_W, num_pairs=PAIRS))
+  with pytest.raises(mapping.ShapeMismatchError, match="projection_heads.0.weight"):
+    convert.torch_to_flax(sd, wrong, "amd", parts=("encoder", "amd"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Conversion remembers: the detected layout of every naming, round trips without architecture flags
+# ------------------------------------------------------------------------------------------------------------
+def classifier_params(video: bool, num_classes: int = 5) -> dict:
+  """A fine-tuned classifier's tree: encoder without its final norm, fc_norm, head."""
+  encoder = {k: v for k, v in init_params(video)["encoder"].items() if k != "norm"}
+  rng = np.random.default_rng(31)
+  return {"encoder": encoder, "fc_norm": {"scale": 1 + 0.1 * rng.standard_normal(W).astype(np.float32),
+                                          "bias": 0.1 * rng.standard_normal(W).astype(np.float32)},
+          "head": {"kernel": rng.standard_normal((W, num_classes)).astype(np.float32),
+                   "bias": rng.standard_normal(num_classes).astype(np.float32)}}
+
+
+def torch_state_dict(module) -> dict[str, np.ndarray]:
+  return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def test_detected_layout_of_every_official_naming(vitmae_case, videomae_case):
+  vitmae, videomae = vitmae_case[0], videomae_case[0]
+  video_encoder = torch_state_dict(OfficialViT(video=True))
+  namings = {
+      "mae": [official_mae_state_dict(vitmae),                                       # MAE pre-training
+              torch_state_dict(OfficialViT(video=False, final_norm=False, num_classes=7))],   # MAE fine-tuned
+      "videomae": [official_videomae_state_dict(videomae),                           # VideoMAE pre-training
+                   torch_state_dict(OfficialViT(video=True, final_norm=False, num_classes=5)),  # fine-tuned
+                   {"backbone." + k: v for k, v in video_encoder.items()},           # fine-tuning scripts
+                   {"module." + k: v for k, v in video_encoder.items()}],            # DistributedDataParallel
+      "amd": [torch_state_dict(OfficialAMDStudent())],                               # AMD student, whole
+      "hf_vitmae": [state_dict_np(vitmae), _as_transformers_4x(state_dict_np(vitmae), False),
+                    state_dict_np(vitmae.vit)],                                      # a base model alone
+      "hf_videomae": [state_dict_np(videomae), _as_transformers_4x(state_dict_np(videomae), True),
+                      state_dict_np(videomae.videomae), state_dict_np(make_videomae(classifier=True))],
+  }
+  for layout, state_dicts in namings.items():
+    for i, sd in enumerate(state_dicts):
+      assert mapping.detect_layout(sd) == layout, (layout, i, list(sd)[:4])
+
+
+def _export_cases():
+  """(name, params, arch, layout, parts) for every export to_torch writes."""
+  amd_cfg = amd_method_config()
+  amd = amd_params(seed=26)
+  amd_arch_ = convert.arch_from_run_config(amd_cfg)
+  cases = []
+  for video in (False, True):
+    official = "videomae" if video else "mae"
+    cases += [(f"{official} encoder", init_params(video), amd_arch(video), official, ("encoder",)),
+              (f"{official} encoder+decoder", init_params(video), amd_arch(video), official, ("encoder", "decoder")),
+              (f"{official} classifier", classifier_params(video), amd_arch(video, decoder=False, final_norm=None),
+               official, ("encoder", "classifier"))]
+    hf = "hf_videomae" if video else "hf_vitmae"
+    cases += [(f"{hf} encoder", init_params(video), amd_arch(video), hf, ("encoder",)),
+              (f"{hf} encoder+decoder", init_params(video), amd_arch(video), hf, ("encoder", "decoder"))]
+  cases += [("amd encoder", amd, amd_arch_, "amd", ("encoder",)),
+            ("amd encoder+decoder", amd, amd_arch_, "amd", ("encoder", "decoder")),
+            ("amd whole", amd, amd_arch_, "amd", ("encoder", "decoder", "amd"))]
+  return cases
+
+
+def test_detected_layout_of_every_export(tmp_path):
+  """What to_torch writes is detected as the layout it was written in, from the file alone, and converts back
+  with the recorded architecture (no arch given) to the same params."""
+  for name, params, arch, layout, parts in _export_cases():
+    suffix = "" if layout in mapping.HF_LAYOUTS else (".pth" if "encoder+decoder" in name else ".safetensors")
+    path = str(tmp_path / (name.replace(" ", "_").replace("+", "_") + suffix))
+    convert.export_torch(params, path, arch, layout, parts=parts)
+    sd, info = torch_io.read_state_dict(path)
+    assert convert.detect_layout(sd, info["record"], info["hf_config"]) == layout, name
+    assert info["record"]["parts"] == list(parts), name
+    recorded, _ = convert.recorded_arch(info)
+    back, report = convert.load_torch_checkpoint(path, recorded, strict=True)
+    assert report.layout == layout and report.parts == list(parts), name
+    assert_trees_bit_equal(back, {k: v for k, v in params.items() if k in sum(
+        (mapping.PART_TOPS[p] for p in parts), ())})
+    # From the keys alone (a copy without amd_jax's record): the official family; an AMD student's encoder
+    # and decoder carry VideoMAE's names, so only its projection heads and generators say 'amd'.
+    keys_only = mapping.detect_layout(sd)
+    assert keys_only == ("videomae" if name in ("amd encoder", "amd encoder+decoder") else layout), name
+
+
+def _write_run(workdir, config, params):
+  from amd_jax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort())
+  ckpt = Checkpointer(workdir, every_steps=1, keep=1, async_save=False)
+  ckpt.save(1, {"step": jnp.asarray(1), "params": params}, force=True)
+  ckpt.close()
+
+
+def test_cli_round_trip_of_an_amd_run_without_arch(tmp_path, capsys):
+  """to_torch of a whole AMD run, to_flax of the file with no architecture flags, to_torch again: bit-exact."""
+  params = amd_params(seed=27)
+  workdir = str(tmp_path / "run")
+  _write_run(workdir, amd_method_config(), params)
+  first = str(tmp_path / "whole.safetensors")
+  assert cli.main(["to_torch", "--workdir", workdir, "--parts", "all", "--output", first]) == 0
+  assert "layout amd" in capsys.readouterr().out
+  sd_first, info = torch_io.read_state_dict(first)
+  OfficialAMDStudent().load_state_dict({k: torch.from_numpy(v) for k, v in sd_first.items()}, strict=True)
+  assert info["record"]["source"] == workdir and info["record"]["method"] == "amd"
+
+  out = str(tmp_path / "flax")
+  assert cli.main(["to_flax", "--input", first, "--output", out, "--strict"]) == 0
+  printed = capsys.readouterr().out
+  assert "layout: amd (from amd_jax's export record)" in printed
+  assert f"generator mask tokens: from {first}{convert.MASK_TOKENS_SUFFIX}" in printed
+  back, meta = torch_io.load_flax_params(os.path.join(out, "params.npz"))
+  assert meta["layout"] == "amd" and meta["parts"] == ["encoder", "decoder", "amd"]
+  assert_trees_bit_equal(back, params)
+
+  second = str(tmp_path / "again.pth")
+  assert cli.main(["to_torch", "--params", os.path.join(out, "params.npz"), "--parts", "all", "--output",
+                   second]) == 0
+  sd_second, _ = torch_io.read_state_dict(second)
+  assert sorted(sd_second) == sorted(sd_first)
+  for k in sd_first:
+    assert np.array_equal(sd_first[k], sd_second[k]), k
+  np.testing.assert_array_equal(np.load(second + convert.MASK_TOKENS_SUFFIX),
+                                np.load(first + convert.MASK_TOKENS_SUFFIX))
+
+  # A .safetensors file carries its record inside: the sidecar is not needed.
+  os.remove(first + torch_io.RECORD_SUFFIX)
+  assert cli.main(["to_flax", "--input", first, "--output", str(tmp_path / "flax2")]) == 0
+  assert "from amd_jax's export record" in capsys.readouterr().out
+  # A .pth without its record is an official-looking file: the architecture must be named.
+  os.remove(second + torch_io.RECORD_SUFFIX)
+  assert cli.main(["to_flax", "--input", second, "--output", str(tmp_path / "flax3")]) == 2
+  assert "--arch" in capsys.readouterr().err
+  # Named, the AMD parts need the teacher; the report says how to convert them.
+  size = ["--arch", "vit_tiny", "--width", str(W), "--depth", str(DEPTH), "--num_heads", str(HEADS), "--patch_size",
+          str(PATCH), "--image_size", str(IMG), "--num_frames", str(FRAMES), "--decoder_width", str(DEC_W),
+          "--decoder_depth", str(DEC_DEPTH), "--decoder_heads", str(DEC_HEADS)]
+  assert cli.main(["to_flax", "--input", second, "--output", str(tmp_path / "flax4")] + size) == 0
+  assert "name the teacher with --teacher_arch" in capsys.readouterr().out
+  assert cli.main(["to_flax", "--input", second, "--output", str(tmp_path / "flax5"), "--teacher_width",
+                   str(TEACHER_W), "--generator_mask_tokens", second + convert.MASK_TOKENS_SUFFIX] + size) == 0
+  back5, _ = torch_io.load_flax_params(str(tmp_path / "flax5" / "params.npz"))
+  assert_trees_bit_equal(back5, params)
+
+
+def test_recorded_heads_are_checked(tmp_path):
+  """A file amd_jax wrote says how many heads it has; a model config that disagrees is refused."""
+  params = init_params(True)
+  path = str(tmp_path / "enc.pth")
+  convert.export_torch(params, path, amd_arch(True), "videomae", parts=("encoder",))
+  cfg = amd_config(True)
+  cfg.model.num_heads = 2
+  with pytest.raises(mapping.ConversionError, match=f"{HEADS} attention heads"):
+    convert.load_torch_encoder(path, cfg.model)

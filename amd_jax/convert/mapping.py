@@ -12,6 +12,9 @@ out there:
   pos     a fixed sine-cosine table: no Flax parameter. Read to fold a non-zero
           cls row into cls_token and to check the table against amd_jax's;
           written on export so official models load strictly.
+  idle    a parameter the official module registers but its forward never uses
+          (the AMD generators' final `norm`): no Flax parameter; reported as not
+          converted on import, written as an identity LayerNorm on export.
 
 Layouts (naming families; what varies WITHIN a family, such as fused qkv bias vs
 q_bias/v_bias, a cls token, Conv2d vs Conv3d, comes from the architecture):
@@ -22,16 +25,21 @@ q_bias/v_bias, a cls token, Conv2d vs Conv3d, comes from the architecture):
   videomae     MCG-NJU/VideoMAE: encoder weights under `encoder.` (pre-training),
                `backbone.` or no prefix (fine-tuning), encoder_to_decoder, mask_token,
                decoder.blocks.N.*, decoder.norm, decoder.head; fine-tuned: fc_norm, head.
-  amd          MCG-NJU/AMD: videomae naming plus the student's projection heads and
-               feature generators (reported, not converted: no Flax module holds them yet).
+  amd          MCG-NJU/AMD: videomae naming plus the student's projection heads
+               (encoder.projection_heads.N, one per aligned layer pair) and feature
+               generators (generators.N.blocks.M.*), the 'amd' part (Arch.amd). The
+               official model keeps the generators' mask tokens in a plain list, so
+               its state dict has none: they come from a file or amd_jax's init.
   hf_vitmae    transformers ViTMAE (4.x and 5.x names): renamed to `mae` first,
                separate q/k/v Linear layers fused into qkv.
   hf_videomae  transformers VideoMAE: renamed to `videomae` first.
 
 Flax side: {'encoder': Encoder params, 'decoder': MaskedTokenDecoder params,
-'fc_norm': LayerNorm params, 'head': Dense params}; the last two are the
-classifier's top-level names. Encoder blocks are `blocks_{i}` (scan=False) or
-stacked under `blocks/block` with a leading layer axis (scan=True).
+'fc_norm': LayerNorm params, 'head': Dense params, 'projections': {'proj_i'},
+'generators': {'gen_i': MaskedTokenDecoder params}}; fc_norm and head are the
+classifier's top-level names, projections and generators AMD's (the tree
+amd_jax.methods.amd.AMD.init makes). Encoder blocks are `blocks_{i}`
+(scan=False) or stacked under `blocks/block` with a leading layer axis (scan=True).
 
 Head counts never enter a weight layout (qkv output features are ordered
 (3, heads, head_dim) in both frameworks); they come from the architecture the
@@ -43,13 +51,20 @@ import dataclasses
 import re
 from typing import Any, Iterable, Mapping
 
+import flax.linen as nn
+import jax
+import ml_collections
 import numpy as np
 
-from amd_jax.models import posemb, vit
+from amd_jax.models import decoders, posemb, vit
 
 LAYOUTS = ("mae", "videomae", "amd", "hf_vitmae", "hf_videomae")
 OFFICIAL_LAYOUTS = ("mae", "videomae", "amd")
-PARTS = ("encoder", "decoder", "classifier")
+HF_LAYOUTS = ("hf_vitmae", "hf_videomae")
+PARTS = ("encoder", "decoder", "classifier", "amd")
+# The top-level Flax names each part owns.
+PART_TOPS = {"encoder": ("encoder",), "decoder": ("decoder",), "classifier": ("fc_norm", "head"),
+             "amd": ("projections", "generator_projections", "generators")}
 
 # Tolerance above which a checkpoint's fixed position table is reported as differing from amd_jax's.
 POS_TABLE_TOL = 1e-5
@@ -75,6 +90,41 @@ class DecoderArch:
 
 
 @dataclasses.dataclass(frozen=True)
+class AMDArch:
+  """The AMD student's parts beyond MAE's: per aligned layer pair, a projection head to the teacher width and
+  a feature generator (blocks at the teacher width, qkv bias layout of the student)."""
+  teacher_width: int
+  num_pairs: int
+  generator_depth: int = 2
+  generator_heads: int = 0     # 0: teacher_width // 64, the official rule
+  mlp_ratio: float = 4.0
+  shared_heads: bool = True    # False: amd_jax's separate generator projections (the official model has none)
+  init_scheme: str = "videomae"  # how amd_jax draws mask tokens the official state dict lacks (models.vit)
+
+  def __post_init__(self):
+    if self.num_pairs < 1 or self.generator_depth < 1:
+      raise ValueError(f"AMD parts need num_pairs >= 1 and generator_depth >= 1, got {self.num_pairs} and "
+                       f"{self.generator_depth}")
+    if self.heads < 1 or self.teacher_width % self.heads:
+      raise ValueError(f"generator heads {self.heads} must divide the teacher width {self.teacher_width}")
+
+  @property
+  def heads(self) -> int:
+    return self.generator_heads or self.teacher_width // 64
+
+  @classmethod
+  def from_config(cls, config) -> "AMDArch":
+    """From an AMD run's config (ConfigDict, or the dict of its config.json): config.amd, config.teacher.model."""
+    a, t = config["amd"], config["teacher"]["model"]
+    teacher_width, _, _ = vit.resolve_variant(t["variant"], t.get("width", 0), t.get("depth", 0),
+                                              t.get("num_heads", 0))
+    pairs = [x for x in str(a["student_layers"]).split(",") if x.strip()]
+    return cls(teacher_width=teacher_width, num_pairs=len(pairs), generator_depth=int(a["generator_depth"]),
+               generator_heads=int(a["generator_heads"]), shared_heads=bool(a["shared_heads"]),
+               init_scheme=config["model"].get("init_scheme", "mae"))
+
+
+@dataclasses.dataclass(frozen=True)
 class Arch:
   """What a checkpoint must contain. Heads are explicit (never read from shapes)."""
   width: int
@@ -92,6 +142,7 @@ class Arch:
   final_norm: bool | None = True   # None: convert `norm` if the checkpoint has it
   decoder: DecoderArch | None = None
   num_classes: int = 0         # classifier head size; 0: take it from the checkpoint
+  amd: AMDArch | None = None   # the AMD student's projection heads and generators
 
   def __post_init__(self):
     if self.qkv_bias not in ("fused", "qv", "none"):
@@ -123,6 +174,19 @@ class Arch:
   def describe(self) -> dict:
     return dataclasses.asdict(self)
 
+  @classmethod
+  def from_dict(cls, d: Mapping) -> "Arch":
+    """The inverse of describe() (what conversion records and exported files hold)."""
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ConversionError(f"the recorded architecture has fields amd_jax does not know: {', '.join(sorted(unknown))}")
+    if d.get("decoder") is not None:
+      d["decoder"] = DecoderArch(**d["decoder"])
+    if d.get("amd") is not None:
+      d["amd"] = AMDArch(**d["amd"])
+    return cls(**d)
+
 
 # Named architectures for the CLI: encoder (width, depth, heads) from amd_jax.models.vit.VARIANTS.
 ARCH_NAMES = {"vit_tiny": "tiny", "vit_ti": "Ti", "vit_s": "S", "vit_b": "B", "vit_l": "L", "vit_h": "H"}
@@ -141,7 +205,7 @@ def family(layout: str) -> str:
 def named_arch(name: str, layout: str, *, num_heads: int = 0, patch_size: int = 16, tubelet_size: int = 2,
                image_size: int = 224, num_frames: int = 16, in_chans: int = 3, decoder: bool = True,
                decoder_width: int = 0, decoder_depth: int = 0, decoder_heads: int = 0,
-               final_norm: bool | None = None) -> Arch:
+               final_norm: bool | None = None, amd: AMDArch | None = None) -> Arch:
   """The architecture of an official checkpoint, e.g. named_arch('vit_l', 'videomae')."""
   if name not in ARCH_NAMES:
     raise ValueError(f"unknown architecture {name!r}; allowed: {', '.join(ARCH_NAMES)}")
@@ -155,12 +219,13 @@ def named_arch(name: str, layout: str, *, num_heads: int = 0, patch_size: int = 
     dw, dd, dh = VIDEOMAE_DECODERS[variant]
   dec = DecoderArch(decoder_width or dw, decoder_depth or dd, decoder_heads or dh) if decoder else None
   return Arch(width=width, depth=depth, num_heads=heads, patch_size=patch_size, in_chans=in_chans,
-              image_size=image_size, num_frames=num_frames, decoder=dec, final_norm=final_norm, **kw)
+              image_size=image_size, num_frames=num_frames, decoder=dec, final_norm=final_norm, amd=amd, **kw)
 
 
 def arch_from_config(model_cfg, *, decoder_cfg=None, image_size: int = 224, num_frames: int = 16,
-                     in_chans: int = 3, video: bool | None = None, final_norm: bool | None = True) -> Arch:
-  """Arch of an amd_jax config.model (and optionally config.decoder).
+                     in_chans: int = 3, video: bool | None = None, final_norm: bool | None = True,
+                     amd: AMDArch | None = None) -> Arch:
+  """Arch of an amd_jax config.model (and optionally config.decoder and the AMD parts).
 
   `video` defaults to 'the model has no cls token' (VideoMAE/AMD); pass it to override.
   """
@@ -175,7 +240,27 @@ def arch_from_config(model_cfg, *, decoder_cfg=None, image_size: int = 224, num_
               tubelet_size=model_cfg.tubelet_size if video else 0, in_chans=in_chans,
               mlp_ratio=model_cfg.mlp_ratio, cls_token=model_cfg.cls_token, qkv_bias=model_cfg.qkv_bias,
               pos_emb=model_cfg.pos_emb, image_size=image_size, num_frames=num_frames,
-              final_norm=final_norm, decoder=dec)
+              final_norm=final_norm, decoder=dec, amd=amd)
+
+
+def arch_from_run_config(config, *, final_norm: bool | None = True) -> Arch:
+  """The whole architecture of an amd_jax run from its config (ConfigDict, or the dict of its config.json):
+  encoder, pixel decoder when the config has one, and for an AMD run its projection heads and generators."""
+  cfg = config if isinstance(config, ml_collections.ConfigDict) else ml_collections.ConfigDict(dict(config))
+  data = cfg.get("data") or ml_collections.ConfigDict()
+  amd = AMDArch.from_config(cfg) if cfg.get("method") == "amd" and "amd" in cfg else None
+  return arch_from_config(cfg.model, decoder_cfg=cfg.get("decoder"), image_size=data.get("image_size", 224),
+                          num_frames=data.get("num_frames", 16), in_chans=data.get("channels", 3),
+                          video=data.get("modality", "image") == "video", final_norm=final_norm, amd=amd)
+
+
+def run_layout(config) -> str:
+  """The official naming an amd_jax run exports to by default: amd (video AMD), videomae or mae."""
+  data = config.get("data") or {}
+  video = data.get("modality", "image") == "video"
+  if config.get("method") == "amd" and video:
+    return "amd"
+  return "videomae" if video else "mae"
 
 
 def _check_layout(layout: str):
@@ -191,8 +276,8 @@ class Entry:
   torch_key: str
   flax_path: tuple[str, ...] | None   # None for `pos`
   torch_shape: tuple[int, ...]
-  kind: str                            # linear | conv | copy | pos
-  part: str                            # encoder | decoder | classifier
+  kind: str                            # linear | conv | copy | pos | idle
+  part: str                            # encoder | decoder | classifier | amd
   optional: bool = False               # absence is not an error (fixed tables, a norm that may be absent)
 
 
@@ -275,15 +360,46 @@ def classifier_entries(arch: Arch, num_classes: int, root: tuple[str, ...] = ())
   return e
 
 
+def amd_entries(arch: Arch, prefix: str = "encoder.") -> list[Entry]:
+  """The official AMD student's projection heads and generators, and their Flax paths (AMD.init's tree).
+
+  The generators' mask tokens are not here: the official state dict has none (see torch_to_flax)."""
+  a = arch.amd
+  if a is None:
+    return []
+  if not arch.is_video:
+    raise ConversionError("the 'amd' part exists in the official AMD naming only, which is for video students "
+                          "(tubelets, no cls token); an image AMD run exports its encoder and decoder in MAE naming")
+  e: list[Entry] = []
+  tw = a.teacher_width
+  for i in range(a.num_pairs):
+    _linear(e, f"{prefix}projection_heads.{i}", ("projections", f"proj_{i}"), tw, arch.width, "amd", bias=False)
+  for i in range(a.num_pairs):
+    root = ("generators", f"gen_{i}")
+    for j in range(a.generator_depth):
+      _block(e, f"generators.{i}.blocks.{j}", root + (f"blocks_{j}",), tw, int(tw * a.mlp_ratio), arch.qkv_bias, "amd")
+    # Registered by the official Generator, never applied in its forward; amd_jax's generator has no final norm.
+    e.append(Entry(f"generators.{i}.norm.weight", None, (tw,), "idle", "amd", optional=True))
+    e.append(Entry(f"generators.{i}.norm.bias", None, (tw,), "idle", "amd", optional=True))
+  return e
+
+
+# Why the AMD generators' norm is not converted (report text).
+IDLE_REASON = "AMD generator final norm (registered by the official Generator, never used in its forward)"
+
 # Keys of official checkpoints that are known and deliberately not converted, with the reason.
 KNOWN_UNUSED = (
-    (r"^(encoder\.)?projection_heads\.", "AMD student projection heads (no Flax AMD module to hold them yet)"),
-    (r"^generators\.", "AMD feature generators (no Flax AMD module to hold them yet)"),
+    (r"^(encoder\.)?projection_heads\.", "AMD student projection heads (the 'amd' part: not asked for, or "
+     "no AMD architecture given)"),
+    (r"^generators\.", "AMD feature generators (the 'amd' part: not asked for, or no AMD architecture given)"),
     (r"^generator_mask_tokens", "AMD generator mask tokens"),
     (r"^(encoder\.|backbone\.)?head\.(weight|bias)$", "an encoder-side Identity/unused head"),
     (r"pos_embed$|position_embeddings$", "fixed position table"),
 )
 
+
+# Keys of the AMD parts (projection heads and generators).
+AMD_KEYS = r"^((encoder\.)?projection_heads\.|generators\.)"
 
 # Decoder keys of each naming family (reported as such when no decoder is converted).
 DECODER_KEYS = {"mae": r"^(decoder_|mask_token$)", "videomae": r"^(decoder\.|encoder_to_decoder\.|mask_token$)"}
@@ -363,7 +479,8 @@ _HF_VITMAE_RULES = (
     (r"decoder\.decoder_embed\.(weight|bias)", r"decoder_embed.\1"),
     (r"decoder\.mask_token", "mask_token"),
     (r"decoder\.decoder_pos_embed", "decoder_pos_embed"),
-    (r"decoder\.decoder_layers\.(\d+)\.(.+)", r"decoder_blocks.\1.<\2>"),
+    # transformers 5.x writes its decoder layers as decoder_encoder.layer.N (4.x: decoder_layers.N).
+    (r"decoder\.decoder_(?:layers|encoder\.layer)\.(\d+)\.(.+)", r"decoder_blocks.\1.<\2>"),
     (r"decoder\.decoder_norm\.(weight|bias)", r"decoder_norm.\1"),
     (r"decoder\.decoder_pred\.(weight|bias)", r"decoder_pred.\1"),
 )
@@ -389,6 +506,22 @@ def _rename_layer(rest: str) -> str | None:
   return None
 
 
+def hf_key_to_official(key: str, layout: str) -> str | None:
+  """One transformers ViTMAE / VideoMAE name -> its official name, with separate projections still separate
+  (`blocks.N.attn.q.weight`, `.k.`, `.v.`); None for a name the layout does not know."""
+  rules = {"hf_vitmae": _HF_VITMAE_RULES, "hf_videomae": _HF_VIDEOMAE_RULES}[layout]
+  for pat, rep in rules:
+    m = re.fullmatch(pat, key)
+    if m:
+      new = m.expand(rep)
+      inner = re.search(r"<(.+)>$", new)
+      if inner:
+        layer = _rename_layer(inner.group(1))
+        return None if layer is None else new[:inner.start()] + layer
+      return new
+  return None
+
+
 def hf_to_official(state_dict: Mapping[str, np.ndarray], layout: str) -> tuple[dict[str, np.ndarray], list[str]]:
   """transformers ViTMAE / VideoMAE names -> official names; returns (renamed, keys not recognised).
 
@@ -396,20 +529,10 @@ def hf_to_official(state_dict: Mapping[str, np.ndarray], layout: str) -> tuple[d
   all three present -> attn.qkv.bias (ViTMAE); q and v only -> attn.q_bias / attn.v_bias
   (VideoMAE, whose k has no bias).
   """
-  rules = {"hf_vitmae": _HF_VITMAE_RULES, "hf_videomae": _HF_VIDEOMAE_RULES}[layout]
   out: dict[str, np.ndarray] = {}
   unknown: list[str] = []
   for key, value in state_dict.items():
-    new = None
-    for pat, rep in rules:
-      m = re.fullmatch(pat, key)
-      if m:
-        new = m.expand(rep)
-        inner = re.search(r"<(.+)>$", new)
-        if inner:
-          layer = _rename_layer(inner.group(1))
-          new = None if layer is None else new[:inner.start()] + layer
-        break
+    new = hf_key_to_official(key, layout)
     if new is None:
       unknown.append(key)
     else:
@@ -430,6 +553,32 @@ def hf_to_official(state_dict: Mapping[str, np.ndarray], layout: str) -> tuple[d
       if biases[2] in out:
         out[base + "v_bias"] = out.pop(biases[2])
   return out, unknown
+
+
+def official_to_hf_value(official: Mapping[str, np.ndarray], name: str) -> tuple[np.ndarray | None, tuple[str, ...]]:
+  """The value of one official-named tensor as transformers holds it, and the official keys it came from.
+
+  `name` is hf_key_to_official's answer: separate `attn.q/k/v.weight|bias` (and 4.x VideoMAE's
+  `attn.q_bias / v_bias`) are cut from the fused `attn.qkv` (rows q, k, v) when the official
+  layout fuses them; a k bias the official layout lacks (q_bias / v_bias) is zero, which is what
+  the official forward adds. (None, ()) when the official dict has nothing for it.
+  """
+  m = re.fullmatch(r"(.+\.attn\.)(?:([qkv])\.(weight|bias)|([qv])_bias)", name)
+  if m is None:
+    return (official[name], (name,)) if name in official else (None, ())
+  base, which, kind = m.group(1), m.group(2) or m.group(4), m.group(3) or "bias"
+  fused = official.get(base + f"qkv.{kind}")
+  if fused is not None:
+    size = fused.shape[0] // 3
+    row = "qkv".index(which)
+    return fused[row * size:(row + 1) * size], (base + f"qkv.{kind}",)
+  if kind == "weight":
+    return None, ()
+  if which == "k":
+    weight = official.get(base + "qkv.weight")
+    return (None, ()) if weight is None else (np.zeros(weight.shape[0] // 3, weight.dtype), ())
+  key = base + f"{which}_bias"
+  return (official[key], (key,)) if key in official else (None, ())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -564,18 +713,32 @@ def _encoder_prefix(sd: Mapping[str, Any], layout: str) -> str:
   return candidates[0]
 
 
-def detect_layout(state_dict: Mapping[str, Any]) -> str:
-  """A naming family from the key names alone (never used for sizes or heads)."""
+# transformers model_type -> layout (a save_pretrained directory's config.json).
+HF_MODEL_TYPES = {"vit_mae": "hf_vitmae", "videomae": "hf_videomae"}
+
+
+def detect_layout(state_dict: Mapping[str, Any], record: Mapping | None = None,
+                  hf_config: Mapping | None = None) -> str:
+  """A naming family (never sizes or heads): from what amd_jax recorded when it wrote the file (`record`),
+  else a transformers config.json's model_type, else the key names alone."""
+  if record and record.get("layout") in LAYOUTS:
+    return record["layout"]
+  if hf_config and hf_config.get("model_type") in HF_MODEL_TYPES:
+    return HF_MODEL_TYPES[hf_config["model_type"]]
   keys = list(_strip_wrappers(state_dict))
-  if any(k.startswith("videomae.") for k in keys):
+  starts = lambda *prefixes: any(k.startswith(prefixes) for k in keys)
+  if starts("videomae."):
     return "hf_videomae"
-  if any(k.startswith(("vit.embeddings", "vit.layers", "vit.encoder.layer")) for k in keys):
+  if starts("vit.embeddings", "vit.layers", "vit.encoder.layer"):
     return "hf_vitmae"
-  if any(k.startswith(("generators.", "encoder.projection_heads")) for k in keys):
+  # A transformers base model saved on its own (ViTMAEModel / VideoMAEModel.save_pretrained): no model prefix.
+  if starts("embeddings.patch_embeddings."):
+    return "hf_vitmae" if starts("embeddings.cls_token", "embeddings.position_embeddings") else "hf_videomae"
+  if starts("generators.", "encoder.projection_heads"):
     return "amd"
-  if any(k.startswith(("encoder.blocks", "backbone.blocks", "encoder_to_decoder", "decoder.blocks")) for k in keys):
+  if starts("encoder.blocks", "backbone.blocks", "encoder_to_decoder", "decoder.blocks"):
     return "videomae"
-  if any(".attn.q_bias" in k for k in keys) and not any(k.startswith("cls_token") for k in keys):
+  if any(".attn.q_bias" in k for k in keys) and not starts("cls_token"):
     return "videomae"
   if any(k.endswith("attn.qkv.weight") for k in keys):
     return "mae"
@@ -585,8 +748,10 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
 
 def torch_to_flax(state_dict: Mapping[str, Any], arch: Arch, layout: str, *,
                   parts: Iterable[str] | None = None, scan: bool = False, max_depth: int = 0,
-                  strict: bool = False) -> tuple[dict, Report]:
-  """Official (or transformers) state dict -> Flax params {'encoder', ['decoder'], ['fc_norm', 'head']}.
+                  strict: bool = False, generator_mask_tokens=None, mask_tokens_source: str = "",
+                  seed: int = 0) -> tuple[dict, Report]:
+  """Official (or transformers) state dict -> Flax params {'encoder', ['decoder'], ['fc_norm', 'head'],
+  ['projections', 'generators']}.
 
   Args:
     state_dict: name -> array (numpy or anything np.asarray takes); wrappers such as
@@ -596,10 +761,15 @@ def torch_to_flax(state_dict: Mapping[str, Any], arch: Arch, layout: str, *,
     layout: one of LAYOUTS, or 'auto' (detect_layout).
     parts: which parts to convert. None: the encoder always, the decoder when
       arch.decoder is set and the checkpoint has decoder keys, the classifier when it has
-      `head.weight`. A part asked for by name must be complete.
+      `head.weight`, the AMD parts when arch.amd is set and it has projection heads. A
+      part asked for by name must be complete.
     scan: stack encoder blocks for an nn.scan encoder.
     max_depth: > 0 converts only the first blocks (the rest are reported unused).
     strict: unexpected keys raise instead of being reported.
+    generator_mask_tokens: the AMD generators' mask tokens, which the official state dict
+      lacks: an array [num_pairs, ...] or {'gen_i': array}; None draws them with amd_jax's
+      generator init (PRNG seed `seed`). mask_tokens_source names where given ones came
+      from, for the report.
 
   Returns (params, report). Encoder keys that are missing always raise: a model must
   never run with silently random weights.
@@ -633,6 +803,12 @@ def torch_to_flax(state_dict: Mapping[str, Any], arch: Arch, layout: str, *,
     if not num_classes:
       raise ConversionError("the classifier was asked for, but the checkpoint has no head.weight")
     entries["classifier"] = classifier_entries(arch, num_classes)
+  if wanted is not None and "amd" in wanted and arch.amd is None:
+    raise ConversionError("the AMD parts were asked for, but the architecture names none (Arch.amd: teacher "
+                          "width, layer pairs, generator depth)")
+  if arch.amd is not None and (wanted is None and has(f"{prefix}projection_heads.0.weight")
+                               or wanted is not None and "amd" in wanted):
+    entries["amd"] = amd_entries(arch, prefix)
   if wanted is not None:
     entries = {k: v for k, v in entries.items() if k in wanted or k == "encoder"}
   report.parts = list(entries)
@@ -642,6 +818,11 @@ def torch_to_flax(state_dict: Mapping[str, Any], arch: Arch, layout: str, *,
   missing_required: list[str] = []
   for part, part_entries in entries.items():
     for entry in part_entries:
+      if entry.kind == "idle":
+        if has(entry.torch_key):
+          used.add(entry.torch_key)
+          report.unused[entry.torch_key] = IDLE_REASON
+        continue
       if not has(entry.torch_key):
         if entry.kind == "pos" and naming == "videomae":
           continue  # VideoMAE / AMD never save their fixed tables
@@ -710,6 +891,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], arch: Arch, layout: str, *,
       reason = "classifier (not asked for)"
     elif arch.final_norm is False and key in (f"{prefix}norm.weight", f"{prefix}norm.bias"):
       reason = "final norm (final_norm=False)"
+    elif "amd" in entries and re.match(AMD_KEYS, key):
+      reason = None   # the AMD parts were converted: a key they have no place for is unexpected
     else:
       for pat, why in KNOWN_UNUSED:
         if re.search(pat, key):
@@ -730,9 +913,68 @@ def torch_to_flax(state_dict: Mapping[str, Any], arch: Arch, layout: str, *,
                         "build the encoder with final_norm=False")
   if report.unexpected and strict:
     raise ConversionError(f"unexpected keys in the checkpoint: {', '.join(report.unexpected[:20])}")
+  if "amd" in entries:
+    _complete_amd_parts(params, arch, report, generator_mask_tokens, mask_tokens_source, seed)
   if scan:
     params["encoder"] = stack_blocks(params["encoder"], depth)
   return params, report
+
+
+def _complete_amd_parts(params: dict, arch: Arch, report: "Report", tokens, source: str, seed: int):
+  """Give the converted AMD parts what the official state dict cannot hold: the generators' mask tokens, and
+  (for amd.shared_heads=False) the generator projections."""
+  a = arch.amd
+  if tokens is None:
+    tokens = init_generator_mask_tokens(arch, seed)
+    report.notes.append(f"generator mask tokens: drawn with amd_jax's generator init ({a.init_scheme} scheme, "
+                        f"PRNG seed {seed}); the "
+                        "official checkpoint has none (its model never registers them, so they stay at their "
+                        "random init and are not saved)")
+  else:
+    tokens = _mask_token_list(tokens, a)
+    report.notes.append(f"generator mask tokens: from {source or 'the given arrays'}")
+  for i, token in enumerate(tokens):
+    params["generators"][f"gen_{i}"]["mask_token"] = token
+  if not a.shared_heads:
+    # The official model feeds one projection to both alignment paths: the same weights reproduce it exactly.
+    params["generator_projections"] = {k: {"kernel": np.array(v["kernel"])} for k, v in params["projections"].items()}
+    report.notes.append("generator projections (amd.shared_heads=False): copies of the projection heads, which "
+                        "the official model shares between both alignment paths")
+
+
+def init_generator_mask_tokens(arch: Arch, seed: int = 0) -> list[np.ndarray]:
+  """One (1, 1, teacher_width) mask token per generator, drawn by amd_jax's own generator module under the
+  architecture's init_scheme ('videomae': the official AMD rule, truncated normal, std 0.02 cut at +-0.02)."""
+  a = arch.amd
+  gen = decoders.MaskedTokenDecoder(width=a.teacher_width, depth=0, num_heads=a.heads, grid=(2,), out_dim=0,
+                                    embed="none", final_norm=False, pos_emb="sincos1d", init_scheme=a.init_scheme)
+  x = np.zeros((1, 1, a.teacher_width), np.float32)
+  keep, target = np.zeros((1, 1), np.int32), np.ones((1, 1), np.int32)
+  out = []
+  for i in range(a.num_pairs):
+    variables = gen.init(jax.random.fold_in(jax.random.PRNGKey(seed), i), x, keep, target)
+    out.append(np.asarray(nn.meta.unbox(variables["params"])["mask_token"], np.float32))
+  return out
+
+
+def _mask_token_list(tokens, a: AMDArch) -> list[np.ndarray]:
+  """[num_pairs] arrays of shape (1, 1, teacher_width) from an array or a {'gen_i': array} mapping."""
+  if isinstance(tokens, Mapping):
+    missing = [f"gen_{i}" for i in range(a.num_pairs) if f"gen_{i}" not in tokens]
+    if missing:
+      raise ConversionError(f"generator mask tokens: no {', '.join(missing)} among {', '.join(sorted(tokens))}")
+    tokens = [tokens[f"gen_{i}"] for i in range(a.num_pairs)]
+  tokens = [np.asarray(t, np.float32) for t in tokens]
+  if len(tokens) != a.num_pairs or any(t.size != a.teacher_width for t in tokens):
+    raise ConversionError(f"generator mask tokens: expected {a.num_pairs} of size {a.teacher_width} (teacher width),"
+                          f" got shapes {[t.shape for t in tokens]}")
+  return [t.reshape(1, 1, a.teacher_width) for t in tokens]
+
+
+def generator_mask_tokens(params: Mapping) -> np.ndarray:
+  """The AMD generators' mask tokens of a params tree, stacked: [num_pairs, 1, 1, teacher_width]."""
+  gens = params["generators"]
+  return np.stack([np.asarray(gens[f"gen_{i}"]["mask_token"], np.float32) for i in range(len(gens))])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -753,11 +995,14 @@ def flax_to_torch(params: Mapping, arch: Arch, layout: str, *, parts: Iterable[s
   """Flax params -> state dict in the official naming of `layout` (mae | videomae | amd).
 
   parts: None exports every part the params hold (encoder, decoder when arch.decoder is
-  set, classifier when they hold 'head'). encoder_prefix: None uses 'encoder.' for a
-  videomae/amd export that includes the decoder (the pre-training checkpoint layout) and
-  no prefix otherwise (what the official fine-tuning and encoder models load strictly).
+  set, classifier when they hold 'head', the AMD parts when arch.amd is set and they hold
+  'projections'). encoder_prefix: None uses 'encoder.' for a videomae/amd export that
+  includes the decoder or the AMD parts (the pre-training checkpoint layout) and no prefix
+  otherwise (what the official fine-tuning and encoder models load strictly).
   The final norm is written when the encoder params have one. MAE exports include the
-  fixed pos_embed (and decoder_pos_embed) that the official models keep as parameters.
+  fixed pos_embed (and decoder_pos_embed) that the official models keep as parameters;
+  AMD exports the generators' norm as the identity (the official forward never uses it).
+  The generators' mask tokens have no official key: see generator_mask_tokens().
   """
   if layout not in OFFICIAL_LAYOUTS:
     raise ValueError(f"export layout {layout!r}; allowed: {', '.join(OFFICIAL_LAYOUTS)}")
@@ -766,17 +1011,17 @@ def flax_to_torch(params: Mapping, arch: Arch, layout: str, *, parts: Iterable[s
   if is_scanned(enc):
     enc = unstack_blocks(enc)
   params = dict(params, encoder=enc)
-  wanted = set(parts) if parts is not None else {p for p in PARTS if p == "encoder"
-                                                 or p == "decoder" and "decoder" in params and arch.decoder
-                                                 or p == "classifier" and "head" in params}
+  wanted = export_parts(params, arch, parts)
   if "decoder" in wanted and (arch.decoder is None or "decoder" not in params):
     raise ConversionError("decoder export asked for, but "
                           + ("the architecture names no decoder" if arch.decoder is None else "the params have none"))
   if "classifier" in wanted and "head" not in params:
     raise ConversionError("classifier export asked for, but the params have no 'head'")
   naming = "mae" if family(layout) == "image" else "videomae"
+  if "amd" in wanted:
+    _check_amd_export(params, arch, layout, encoder_prefix)
   if encoder_prefix is None:
-    encoder_prefix = "encoder." if naming == "videomae" and "decoder" in wanted else ""
+    encoder_prefix = "encoder." if naming == "videomae" and wanted & {"decoder", "amd"} else ""
   export_arch = dataclasses.replace(arch, final_norm="norm" in enc)
   entries = encoder_entries(export_arch, naming, encoder_prefix, export=True)
   if "decoder" in wanted:
@@ -785,11 +1030,18 @@ def flax_to_torch(params: Mapping, arch: Arch, layout: str, *, parts: Iterable[s
     entries += classifier_entries(arch, int(np.shape(params["head"]["kernel"])[1]))
     if "fc_norm" not in params:
       entries = [e for e in entries if not e.torch_key.startswith("fc_norm.")]
-  out: dict[str, np.ndarray] = {}
   consumed: set[tuple[str, ...]] = set()
+  if "amd" in wanted:
+    entries += amd_entries(arch, encoder_prefix)
+    consumed |= {("generators", f"gen_{i}", "mask_token") for i in range(arch.amd.num_pairs)}
+    consumed |= {("generator_projections",) + p for p in flatten(params.get("generator_projections", {}))}
+  out: dict[str, np.ndarray] = {}
   for entry in entries:
     if entry.kind == "pos":
       out[entry.torch_key] = fixed_table(arch, entry.torch_shape[-1])
+      continue
+    if entry.kind == "idle":  # an identity LayerNorm: weight 1, bias 0
+      out[entry.torch_key] = np.full(entry.torch_shape, float(entry.torch_key.endswith(".weight")), np.float32)
       continue
     consumed.add(entry.flax_path)
     if not _has(params, entry.flax_path):
@@ -801,14 +1053,47 @@ def flax_to_torch(params: Mapping, arch: Arch, layout: str, *, parts: Iterable[s
                                f"{tuple(value.shape)}, the architecture expects {flax_shape(entry)}")
     out[entry.torch_key] = flax_to_torch_array(entry.kind, value.astype(np.float32))
   # Everything in an exported part must have gone somewhere: leftovers mean a different architecture.
-  tops = {"encoder": [("encoder",)], "decoder": [("decoder",)], "classifier": [("fc_norm",), ("head",)]}
   leftovers = []
   for part in wanted:
-    for top in tops[part]:
-      if top[0] in params:
-        leftovers += ["/".join(top + p) for p in flatten(params[top[0]], ()) if top + p not in consumed]
+    for top in PART_TOPS[part]:
+      if top in params:
+        leftovers += ["/".join((top,) + p) for p in flatten(params[top], ()) if (top,) + p not in consumed]
   if leftovers:
     raise ConversionError(f"the Flax params hold tensors the architecture does not have: {', '.join(leftovers[:8])}"
                           f"{' ...' if len(leftovers) > 8 else ''} (depth {arch.depth}"
-                          f"{f', decoder depth {arch.decoder.depth}' if arch.decoder else ''}?)")
+                          f"{f', decoder depth {arch.decoder.depth}' if arch.decoder else ''}"
+                          f"{f', {arch.amd.num_pairs} AMD pairs' if arch.amd else ''}?)")
   return out
+
+
+def export_parts(params: Mapping, arch: Arch, parts: Iterable[str] | None = None) -> set[str]:
+  """The parts an export writes: `parts`, or (None) every part the params hold that the architecture names."""
+  if parts is not None:
+    wanted = set(parts) | {"encoder"}
+    if not wanted <= set(PARTS):
+      raise ValueError(f"unknown parts {sorted(wanted - set(PARTS))}; allowed: {', '.join(PARTS)}")
+    return wanted
+  params = split_params(params)
+  return {p for p in PARTS if p == "encoder" or p == "decoder" and "decoder" in params and arch.decoder
+          or p == "classifier" and "head" in params or p == "amd" and "projections" in params and arch.amd}
+
+
+def _check_amd_export(params: Mapping, arch: Arch, layout: str, encoder_prefix: str | None):
+  if arch.amd is None:
+    raise ConversionError("AMD export asked for, but the architecture names no AMD parts (Arch.amd)")
+  if layout != "amd":
+    raise ConversionError(f"the AMD parts have official names only in the 'amd' layout, not {layout!r}")
+  missing = [top for top in ("projections", "generators") if top not in params]
+  if missing:
+    raise ConversionError(f"AMD export asked for, but the params have no {' or '.join(missing)}")
+  if encoder_prefix not in (None, "encoder."):
+    raise ConversionError(f"the official AMD model keeps its projection heads under 'encoder.', not "
+                          f"{encoder_prefix!r}")
+  separate = params.get("generator_projections")
+  if separate is not None:
+    same = all(np.array_equal(np.asarray(separate[k]["kernel"]), np.asarray(params["projections"][k]["kernel"]))
+               for k in params["projections"])
+    if not same:
+      raise ConversionError("the params hold separate generator projections (amd.shared_heads=False) that differ "
+                            "from the projection heads; the official AMD model has one projection per layer pair "
+                            "for both alignment paths, so they have no place in its state dict")
