@@ -138,4 +138,10 @@ def evaluate(method, params, config, mesh) -> dict[str, float]:
   train = extract_features(feature_fn, config.data, split=config.data.split,
                            max_examples=e.max_train_examples, **kwargs)
   test = extract_features(feature_fn, config.data, split=config.data.eval_split, **kwargs)
-  return evaluate_features(train, test, e, config.data.num_classes)
+  results = evaluate_features(train, test, e, pipeline.num_classes(config.data))
+  if pipeline.eval_is_train(config.data):
+    # Not a held-out figure: the probes are fitted and scored on the same (training) examples.
+    logging.warning("probes: train == eval (config.data.eval_split=%r is the training split): these accuracies "
+                    "are on the examples the probes were fitted to.", config.data.eval_split)
+    results["eval_is_train"] = 1.0
+  return results

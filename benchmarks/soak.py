@@ -16,6 +16,12 @@ its final weights equal an uninterrupted run's bit for bit.
 
 It prints a table (fault, count, outcome) and, with --write_docs, puts it in that markdown file between
 the lines `<!-- soak:begin -->` and `<!-- soak:end -->` (appended when they are missing).
+
+  python benchmarks/soak.py --workdir /tmp/amd_jax_nan --nan_stops 20
+
+runs the NaN stop instead, N times (a run whose inputs turn every value into Inf/NaN under
+nan_policy='stop'): each must print its one-line message and exit 3, with no abort (no 'terminate called',
+no core dump, no traceback) from threads or background writers left running.
 """
 from __future__ import annotations
 
@@ -53,6 +59,7 @@ def parse_args():
   p.add_argument("--corruptions", type=int, default=2, help="newest checkpoint truncated between two starts")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--write_docs", default="", help="markdown file to put the result table in")
+  p.add_argument("--nan_stops", type=int, default=0, help="instead of the soak: N runs that stop on a NaN")
   return p.parse_args()
 
 
@@ -240,12 +247,42 @@ def write_docs(path, table):
     f.write(text)
 
 
+ABORT_SIGNS = ("terminate called", "Aborted", "core dumped", "Traceback", "Fatal Python error")
+
+
+def nan_stops(args, root) -> int:
+  """args.nan_stops runs stopping on a NaN: (clean exit 3 with the message) counted, the table printed."""
+  runner = Runner(args, root)
+  outcomes = []
+  for i in range(args.nan_stops):
+    workdir = os.path.join(root, f"nan{i:02d}")
+    cmd = runner.command(workdir) + ["--config.data.std=1e-45"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=runner.env, capture_output=True, text=True)
+    clean = (proc.returncode == 3 and "amd_jax: stopped: non-finite values" in proc.stderr
+             and not any(sign in proc.stderr for sign in ABORT_SIGNS))
+    outcomes.append(clean)
+    print(f"run {i + 1}: exit {proc.returncode}, {'clean' if clean else 'NOT CLEAN'}, {time.time() - t0:.0f} s",
+          flush=True)
+    if not clean:
+      print(proc.stderr[-2000:], flush=True)
+  table = "\n".join(["| fault | count | outcome |", "|---|---|---|",
+                      f"| a NaN/Inf under nan_policy='stop' (data.std=1e-45) | {len(outcomes)} | {sum(outcomes)}/"
+                      f"{len(outcomes)} printed the stop message once and exited 3 with no abort or traceback |",
+                      "", f"`python benchmarks/soak.py --workdir WORKDIR --nan_stops {args.nan_stops}` "
+                      f"(config `{args.config}`)."])
+  print(table, flush=True)
+  return 0 if all(outcomes) else 1
+
+
 def main():
   args = parse_args()
   root = os.path.abspath(args.workdir)
   if os.path.exists(root) and os.listdir(root):
     sys.exit(f"{root} is not empty: give a new or empty --workdir")
   os.makedirs(root, exist_ok=True)
+  if args.nan_stops:
+    sys.exit(nan_stops(args, root))
   rng = random.Random(args.seed)
   runner = Runner(args, root)
   t0 = time.time()

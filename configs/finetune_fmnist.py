@@ -37,7 +37,7 @@ def get_config(arg=None):
     raise ValueError(f"finetune_fmnist method={args.method!r}; allowed: finetune, g2sd_sd")
   c = recipes.with_method_fields(config_base.base_config(), args.method)
   c.data.update(source="fashion_mnist", image_size=28, channels=1, mean="0.2860", std="0.3530",
-                crop_scale_min=0.5, hflip=True, num_classes=10)
+                crop_scale_min=0.5, hflip=True, num_classes=0)   # 0: counted from the data (Fashion-MNIST: 10)
   _image_model(c.model, args.size)
   c.model.drop_path = 0.1
   c.finetune.update(init=args.init, pool="mean", head_init_scale=1e-3, layer_decay=0.75, mixup=0.2, cutmix=0.0,

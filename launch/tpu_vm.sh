@@ -2,7 +2,7 @@
 # Train on every worker of a Cloud TPU VM (a single host or a pod slice) from your workstation.
 #
 #   launch/tpu_vm.sh --tpu NAME --zone ZONE [--project PROJECT] --config configs/X.py --workdir gs://BUCKET/run \
-#       [--repo '~/amd_jax'] [--sync] [--setup 'pip install -e .'] [--logdir DIR] [-- --config.a.b=v ...]
+#       [--repo '~/amd_jax'] [--sync] [--setup CMD | --no_setup] [--logdir DIR] [-- --config.a.b=v ...]
 #
 # One `gcloud compute tpus tpu-vm ssh --worker=all` starts `python -m amd_jax.main` on all workers at
 # once (they must start together: jax.distributed waits for every process). AMD_JAX_DISTRIBUTED=1 makes
@@ -10,14 +10,16 @@
 # id from the TPU metadata server. The workdir must be shared by all workers (a gs:// bucket).
 #   --repo   directory of the amd_jax checkout on the workers (default ~/amd_jax)
 #   --sync   first copy this checkout's committed files there (git archive HEAD + scp --worker=all)
-#   --setup  shell command run in --repo before training (e.g. installing the package)
+#   --setup  shell command run in --repo before training; default: install the checkout with its TPU extra
+#            (python3 -m pip install -e '.[tpu]': jax with the libtpu it was built for); --no_setup: none
 # Every output line is prefixed with its worker number; the stream is saved in
 # LOGDIR/all_workers.log and split into LOGDIR/worker_<n>.log (default LOGDIR: logs/tpu_<name>_<time>).
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" >&2; exit 2; }
+usage() { sed -n '2,18p' "$0" >&2; exit 2; }
 
-tpu="" zone="" project="" config="" workdir="" repo='~/amd_jax' setup="" logdir="" sync=0
+tpu="" zone="" project="" config="" workdir="" repo='~/amd_jax' logdir="" sync=0
+setup="python3 -m pip install -q -e '.[tpu]'"
 while (($# > 0)); do
   case "$1" in
     --tpu) tpu=$2; shift 2 ;;
@@ -27,6 +29,7 @@ while (($# > 0)); do
     --workdir) workdir=$2; shift 2 ;;
     --repo) repo=$2; shift 2 ;;
     --setup) setup=$2; shift 2 ;;
+    --no_setup) setup=""; shift ;;
     --logdir) logdir=$2; shift 2 ;;
     --sync) sync=1; shift ;;
     --) shift; break ;;

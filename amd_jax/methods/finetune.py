@@ -72,14 +72,18 @@ class Finetune(Method):
     for name in ("mixup_prob", "mixup_switch_prob", "label_smoothing"):
       if not 0.0 <= f[name] <= 1.0:
         raise ConfigError(f"config.finetune.{name}={f[name]!r} is not valid: must be in [0, 1]")
-    if config.data.num_classes < 2:
-      raise ConfigError(f"config.data.num_classes={config.data.num_classes!r} is not valid: fine-tuning needs >= 2")
+    if config.data.num_classes == 1:   # 0: counted from the data when the run starts
+      raise ConfigError(f"config.data.num_classes={config.data.num_classes!r} is not valid: fine-tuning needs >= 2 "
+                        "(or 0 to count the classes in the data)")
     if f.init and not weights.exists(f.init):
       raise ConfigError(f"config.finetune.init={f.init!r} is neither a workdir nor a file: give the workdir of a "
                         "pre-training run, an official .pth/.safetensors, or '' to train from scratch")
 
   def __init__(self, config):
     super().__init__(config)
+    if config.data.num_classes < 1:
+      raise ValueError("config.data.num_classes=0 must be resolved before the method is built "
+                       "(amd_jax.train.loop.resolve_data_fields counts the classes in the data)")
     f = config.finetune
     self.model = classifier.classifier_from_config(
         config.model, num_classes=config.data.num_classes, pool=f.pool, head_init_scale=f.head_init_scale,

@@ -18,6 +18,7 @@ amd_jax.aot compiles for a TPU topology: the same step, shardings and donation.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -33,7 +34,7 @@ import numpy as np
 import optax
 
 from amd_jax import config_validation, evaluate, paths, probe, visualize, weights
-from amd_jax.data import pipeline, sources
+from amd_jax.data import pipeline, sources, stats
 from amd_jax.errors import ConfigError
 from amd_jax.methods import get_method
 from amd_jax.methods.base import Method
@@ -257,8 +258,24 @@ def run(config, workdir: str) -> dict[str, float]:
   """
   metrics.show_library_log()
   config_validation.validate(config)
+  workdir = paths.resolve(workdir)
+  config = resolve_data_fields(config, workdir)
   with preemption.StopRequest(agree_every=config.log_every_steps) as stop_request:
-    return _Run(config, paths.resolve(workdir), stop_request).execute()
+    return _Run(config, workdir, stop_request).execute()
+
+
+def resolve_data_fields(config, workdir: str):
+  """A copy of `config` whose data fields hold what the run uses: measured mean/std for 'auto' (cached in the
+  workdir) and the class count for num_classes=0. config.json records these numbers. Fields that look left
+  over from another data set are warned about."""
+  stale = stats.describe_stale(config.data)
+  if stale:
+    logger.warning("%s", stale)
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.data = stats.resolve_normalisation(config.data, workdir, write_cache=jax.process_index() == 0)
+    config.data.num_classes = pipeline.num_classes(config.data)
+  return config
 
 
 class _Run:
@@ -306,8 +323,11 @@ class _Run:
     c, workdir = self.config, self.workdir
     try:
       paths.makedirs(workdir)
+      probe_file = paths.join(workdir, ".amd_jax_write_test")
+      paths.write_bytes(probe_file, b"")
+      paths.as_path(probe_file).unlink()
     except OSError as e:
-      raise ConfigError(f"workdir {workdir!r} cannot be created ({e.strerror or e}); choose another --workdir") \
+      raise ConfigError(f"workdir {workdir!r} is not writable ({e.strerror or e}); choose another --workdir") \
           from None
     self.saved_config = weights.read_run_config(workdir)
     if self.saved_config is None:
