@@ -34,7 +34,6 @@ float32 on both sides; torch.set_num_threads(the cores this process may run on).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys

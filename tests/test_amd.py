@@ -10,7 +10,7 @@ import pytest
 from amd_jax import config_base, config_validation, recipes, weights
 from amd_jax.methods import get_method
 from amd_jax.models import posemb
-from amd_jax.train import checkpoint, loop
+from amd_jax.train import loop
 
 
 def tiny_amd_config(modality="image", teacher="random"):

@@ -14,7 +14,7 @@ from amd_jax.methods import get_method
 from amd_jax.methods import g2sd as g2sd_lib
 from amd_jax.methods import tinymim as tinymim_lib
 from amd_jax.models import posemb, vit
-from amd_jax.train import checkpoint, loop
+from amd_jax.train import loop
 
 # ----------------------------------------------------------------------------- helpers
 

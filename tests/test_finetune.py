@@ -12,10 +12,8 @@ import pytest
 
 from amd_jax import evaluate, losses, mixup, recipes, weights
 from amd_jax.config_validation import ConfigError, validate
-from amd_jax.methods import finetune as finetune_lib
 from amd_jax.methods import get_method
-from amd_jax.models import classifier, vit
-from amd_jax.train import checkpoint, loop, optim, sharding
+from amd_jax.train import loop, optim, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

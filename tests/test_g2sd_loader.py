@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from amd_jax import config_base, convert, weights
-from amd_jax.train import checkpoint, loop
+from amd_jax.train import loop
 from test_distill import tiny
 
 

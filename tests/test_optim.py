@@ -7,7 +7,6 @@ import importlib.util
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 

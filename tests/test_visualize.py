@@ -1,11 +1,8 @@
 """amd_jax.visualize: the views of a reconstruction, attention maps, the grid's layout, TensorBoard and the CLI."""
-import glob
 import io
 import math
-import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -13,7 +10,6 @@ from PIL import Image
 
 from amd_jax import config_base, recipes, visualize
 from amd_jax.methods import get_method
-from amd_jax.models import vit
 
 
 def tiny_config(method="amd", modality="image"):

@@ -816,7 +816,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], arch: Arch, layout: str, *,
   params: dict = {}
   used: set[str] = set()
   missing_required: list[str] = []
-  for part, part_entries in entries.items():
+  for part_entries in entries.values():
     for entry in part_entries:
       if entry.kind == "idle":
         if has(entry.torch_key):
