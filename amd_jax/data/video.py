@@ -10,14 +10,23 @@ CLAMPED to the last frame (the last frame repeats), as VideoMAE's loaders do,
 rather than looping back to the start: looping would put a temporal jump inside
 the clip that no real video has.
 
-Decoding is sequential from the start of the file up to the last frame needed,
-with no seeking. That is simple and exact for the short clips of action
-recognition data sets (Kinetics and Something-Something clips are a few
-seconds); only the needed frames are converted to RGB arrays, which is the
-expensive part. (decord, the other common decoder, was measured against this:
-it returns the same pixels when it decodes in order, but its seeking returned
-wrong frames on H.264 files with B-frames, and a hang inside it cannot be
-interrupted; see docs/benchmarks.md, "Video decoding".)
+Frames are found by their time stamps: one pass over the file's packets
+(demuxing only, no decoding: about a millisecond for a clip) lists every frame's
+presentation time stamp and which frames are keyframes (`frame_index`); frame i
+is the frame with the i-th smallest time stamp. A clip is then decoded from the
+last keyframe at or before its first frame up to its last frame
+(`decode_from_keyframe`), and only the frames it needs are converted to RGB
+arrays. On a camera clip with a keyframe every second or so this decodes about
+half the frames that decoding from the start of the file would. Files whose time
+stamps cannot name the frames (missing or repeated, as some tools write them)
+are decoded from their first frame instead, counting frames as they come out.
+
+decord, the other decoder common in video pre-training code, was measured
+against this on the same clips (benchmarks/input.py, docs/benchmarks.md): it
+returns the same pixels (both convert with FFmpeg's swscale) at about the same
+CPU cost per clip, but it returned frames from 35 frames later on a file with
+repeated time stamps, and it has no wheels for Linux on ARM (its last release
+is from 2021), so it is not used.
 
 Where the bytes come from (`open_video`):
 - a local path is checked before it is opened: anything but a regular file (a
@@ -40,6 +49,7 @@ at its next frame. So one file that decodes very slowly, or a read that blocks
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import stat
@@ -271,14 +281,93 @@ def _check_size(stream, max_frame_pixels: int) -> None:
                         f"limit of {max_frame_pixels / 1e6:g} megapixels")
 
 
-def _decode(path: str, indices_for: Callable[[int], np.ndarray], max_frame_pixels: int,
-            cancelled: threading.Event) -> np.ndarray:
-  """Decodes the frames indices_for(video length) of a file: uint8 [len(indices), H, W, 3]."""
-  with open_video(path) as file, av.open(file) as container:
+@dataclasses.dataclass(frozen=True)
+class FrameIndex:
+  """Where each frame of a stream is, read from its packets alone (nothing decoded).
+
+  Frame i of the video is the i-th frame in presentation order: the packet with
+  the i-th smallest presentation time stamp.
+  """
+  pts: np.ndarray        # int64 [num_frames]: presentation time stamps, ascending
+  keyframes: np.ndarray  # int64 positions into pts of the frames decoding can start from (0 among them)
+
+  def __len__(self) -> int:
+    return len(self.pts)
+
+  def keyframe_before(self, position: int) -> int:
+    """The last keyframe at or before `position`."""
+    return int(self.keyframes[np.searchsorted(self.keyframes, position, side="right") - 1])
+
+
+def frame_index(container, stream, cancelled: threading.Event | None = None) -> FrameIndex | None:
+  """The FrameIndex of a stream, demuxed to its end; None when time stamps cannot name the frames
+  (a packet without one, two frames with the same one, or no keyframe at the start)."""
+  pts, keys = [], []
+  for packet in container.demux(stream):
+    _stop_if(cancelled)
+    if packet.size == 0:
+      continue  # the demuxer's end-of-stream marker
+    if packet.pts is None:
+      return None
+    pts.append(packet.pts)
+    keys.append(packet.is_keyframe)
+  if not pts:
+    return None
+  order = np.argsort(np.asarray(pts, np.int64), kind="stable")
+  sorted_pts = np.asarray(pts, np.int64)[order]
+  keyframes = np.flatnonzero(np.asarray(keys, bool)[order])
+  if np.any(np.diff(sorted_pts) == 0) or not len(keyframes) or keyframes[0] != 0:
+    return None
+  return FrameIndex(sorted_pts, keyframes)
+
+
+def decode_from_keyframe(container, stream, index: FrameIndex, indices: np.ndarray,
+                         cancelled: threading.Event | None = None) -> np.ndarray | None:
+  """Frames `indices` (positions in `index`), decoded from the last keyframe at or before the first.
+
+  None when the decoded frames do not line up with the index (a frame whose
+  time stamp the index does not hold, or a wanted frame never decoded): the
+  caller then decodes from the start instead.
+  """
+  first, last = int(np.min(indices)), int(np.max(indices))
+  container.seek(int(index.pts[index.keyframe_before(first)]), stream=stream, backward=True,
+                 any_frame=False)
+  position = {int(p): i for i, p in enumerate(index.pts)}
+  wanted = set(int(i) for i in indices)
+  frames: dict[int, np.ndarray] = {}
+  for frame in container.decode(stream):
+    _stop_if(cancelled)
+    i = position.get(frame.pts)
+    if i is None:
+      return None
+    if i in wanted:
+      frames[i] = frame.to_ndarray(format="rgb24")
+    if i >= last:  # the decoder hands frames out in presentation order
+      break
+  if len(frames) < len(wanted):
+    return None
+  return np.stack([frames[int(i)] for i in indices])
+
+
+def _decode_by_index(file: BinaryIO, indices_for: Callable[[int], np.ndarray], max_frame_pixels: int,
+                     cancelled: threading.Event) -> np.ndarray | None:
+  """The wanted frames by seeking to a keyframe; None when the file's time stamps do not allow it."""
+  with av.open(file) as container:
     if not container.streams.video:
       raise ValueError("file has no video stream")
     stream = container.streams.video[0]
     _check_size(stream, max_frame_pixels)
+    index = frame_index(container, stream, cancelled)
+    if index is None:
+      return None
+    return decode_from_keyframe(container, stream, index, indices_for(len(index)), cancelled)
+
+
+def _decode_from_start(file: BinaryIO, indices_for: Callable[[int], np.ndarray],
+                       cancelled: threading.Event) -> np.ndarray:
+  """The wanted frames counted in decoding order from the first, for files without usable time stamps."""
+  with av.open(file) as container:
+    stream = container.streams.video[0]
     length = _stream_length(stream)
     if length > 0:
       return decode_frames(container, stream, indices_for(length), cancelled)
@@ -287,6 +376,17 @@ def _decode(path: str, indices_for: Callable[[int], np.ndarray], max_frame_pixel
     if not frames:
       raise ValueError("no decodable video frames")
     return np.stack([frames[i] for i in indices_for(len(frames))])
+
+
+def _decode(path: str, indices_for: Callable[[int], np.ndarray], max_frame_pixels: int,
+            cancelled: threading.Event) -> np.ndarray:
+  """Decodes the frames indices_for(video length) of a file: uint8 [len(indices), H, W, 3]."""
+  with open_video(path) as file:
+    frames = _decode_by_index(file, indices_for, max_frame_pixels, cancelled)
+    if frames is not None:
+      return frames
+    file.seek(0)
+    return _decode_from_start(file, indices_for, cancelled)
 
 
 def _read_frames(path: str, indices_for: Callable[[int], np.ndarray], timeout_s: float | None,
