@@ -13,7 +13,19 @@ and records the largest absolute difference of:
 It also renames the transformers weights to the official MAE / VideoMAE keys (fused qkv,
 q_bias / v_bias) and checks that the official-naming path yields bit-identical Flax params.
 
-Usage:  python benchmarks/parity_table.py [--sizes Ti,S,B,L] [--families image,video] [--out docs/parity.md]
+The other direction: the converted params are exported as transformers save_pretrained
+directories (amd_jax.convert, layouts hf_vitmae / hf_videomae), loaded back with
+from_pretrained (the loading report must be clean), their weights compared with the original
+model's, and their encoder run on every token against amd_jax's.
+
+AMD students whole (--amd_sizes): the official AMD student (ViT-S / ViT-B, ViT-L teacher, 2
+layer pairs, 2-block generators) in amd_jax's tree, exported in the official AMD naming: the
+key set and shapes are checked against the official module's (listed here from the official
+code), the round trip must be bit-identical, and the projection heads + generators are run
+against transformers' VideoMAE layers loaded with the exported weights.
+
+Usage:  python benchmarks/parity_table.py [--sizes Ti,S,B,L] [--families image,video] [--amd_sizes S,B]
+                                          [--out docs/parity.md]
 ViT-L runs with batch 1 (2 CPU cores); the other sizes with batch 2. A full run takes
 several minutes on two cores.
 """
@@ -25,6 +37,7 @@ import datetime
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import jax
@@ -35,8 +48,9 @@ import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from amd_jax import config_base, masking  # pylint: disable=g-import-not-at-top,wrong-import-position
+from amd_jax import config_base, convert, masking, recipes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from amd_jax.convert import mapping  # pylint: disable=g-import-not-at-top,wrong-import-position
+from amd_jax.methods.amd import AMD  # pylint: disable=g-import-not-at-top,wrong-import-position
 from amd_jax.methods.mae import MAE, VideoMAE  # pylint: disable=g-import-not-at-top,wrong-import-position
 from amd_jax.models import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -228,6 +242,7 @@ def run_case(size: str, video: bool, image_size=224, frames=16, seed=0) -> dict:
   del model64
 
   sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+  original = {k: v.detach().clone() for k, v in model.state_dict().items()}
   layout = "hf_videomae" if video else "hf_vitmae"
   params, report = mapping.torch_to_flax(sd, arch, layout, strict=True)
   official, _ = mapping.torch_to_flax(official_names(model, video), arch, "videomae" if video else "mae",
@@ -285,10 +300,182 @@ def run_case(size: str, video: bool, image_size=224, frames=16, seed=0) -> dict:
       "official naming bit-identical": same, "pos table": max(report.pos_table_max_abs_diff.values(), default=0.0),
       "seconds": torch_s + jax_s, "floor": floor,
   }
+  result.update(hf_export_check(params, arch, video, x, x_flax, cfg, original))
   return result
 
 
-def render(results: list[dict]) -> str:
+def hf_export_check(params, arch, video, x, x_flax, cfg, original: dict) -> dict:
+  """Export the converted params as save_pretrained directories, load them, compare with the original model."""
+  layout = "hf_videomae" if video else "hf_vitmae"
+  base_cls, pre_cls = ((transformers.VideoMAEModel, transformers.VideoMAEForPreTraining) if video
+                       else (transformers.ViTMAEModel, transformers.ViTMAEForPreTraining))
+  with tempfile.TemporaryDirectory() as tmp:
+    enc_dir, full_dir = os.path.join(tmp, "encoder"), os.path.join(tmp, "full")
+    convert.export_torch(params, enc_dir, arch, layout, parts=("encoder",))
+    convert.export_torch(params, full_dir, arch, layout, parts=("encoder", "decoder"))
+    # ViTMAE masks inside its embeddings: ratio 0 and increasing noise keep every token, in order.
+    base, info_base = base_cls.from_pretrained(enc_dir, output_loading_info=True,
+                                               **({} if video else {"mask_ratio": 0.0}))
+    pre, info_pre = pre_cls.from_pretrained(full_dir, output_loading_info=True)
+  problems = sum(len(info[k]) for info in (info_base, info_pre)
+                 for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+  reloaded = pre.state_dict()
+  tables = [k for k in original if k.endswith(("position_embeddings", "pos_embed"))]
+  same = sorted(reloaded) == sorted(original) and all(
+      torch.equal(reloaded[k], original[k]) for k in original if k not in tables)
+  table_diff = max((float((reloaded[k] - original[k]).abs().max()) for k in tables), default=0.0)
+  del pre
+  base = base.eval()
+  kwargs = {}
+  if not video:
+    n = (arch.image_size // arch.patch_size)**2
+    kwargs["noise"] = torch.arange(n, dtype=torch.float32).expand(x.shape[0], -1)
+  with torch.no_grad():
+    theirs = base(pixel_values=x, **kwargs).last_hidden_state.numpy()
+    theirs64 = base.double()(pixel_values=x.double(), **kwargs).last_hidden_state.numpy()
+  enc = vit.encoder_from_config(cfg.model)
+  ours = jax.jit(lambda p, xx: enc.apply({"params": p}, xx)[0])(params["encoder"], x_flax)
+  diff = lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+  return {"hf loading problems": problems, "hf weights identical": same, "hf table diff": table_diff,
+          "hf encoder all tokens": diff(ours, theirs), "hf floor": diff(theirs64, theirs),
+          "hf tokens": int(np.prod(theirs.shape[1:2]))}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# AMD students, whole
+# ------------------------------------------------------------------------------------------------------------
+AMD_TEACHER = "L"          # the official scripts distil from a VideoMAE ViT-L (teacher_dim 1024)
+
+
+def official_block_shapes(prefix: str, dim: int) -> dict:
+  """The official (VideoMAE / AMD) Block's parameters: q_bias / v_bias, no k bias, mlp ratio 4."""
+  return {f"{prefix}.norm1.weight": (dim,), f"{prefix}.norm1.bias": (dim,),
+          f"{prefix}.attn.qkv.weight": (3 * dim, dim), f"{prefix}.attn.q_bias": (dim,), f"{prefix}.attn.v_bias": (dim,),
+          f"{prefix}.attn.proj.weight": (dim, dim), f"{prefix}.attn.proj.bias": (dim,),
+          f"{prefix}.norm2.weight": (dim,), f"{prefix}.norm2.bias": (dim,),
+          f"{prefix}.mlp.fc1.weight": (4 * dim, dim), f"{prefix}.mlp.fc1.bias": (4 * dim,),
+          f"{prefix}.mlp.fc2.weight": (dim, 4 * dim), f"{prefix}.mlp.fc2.bias": (dim,)}
+
+
+def official_amd_shapes(width, depth, teacher_dim, pairs, gen_depth, dec_width, dec_depth) -> dict:
+  """The state dict of the official PretrainAMD (MCG-NJU/AMD models/modeling_pretrain.py), 16x224x224 input."""
+  shapes = {"encoder.patch_embed.proj.weight": (width, 3, 2, 16, 16), "encoder.patch_embed.proj.bias": (width,),
+            "encoder.norm.weight": (width,), "encoder.norm.bias": (width,),
+            "encoder_to_decoder.weight": (dec_width, width), "mask_token": (1, 1, dec_width),
+            "decoder.norm.weight": (dec_width,), "decoder.norm.bias": (dec_width,),
+            "decoder.head.weight": (3 * 2 * 16 * 16, dec_width), "decoder.head.bias": (3 * 2 * 16 * 16,)}
+  for i in range(depth):
+    shapes.update(official_block_shapes(f"encoder.blocks.{i}", width))
+  for i in range(dec_depth):
+    shapes.update(official_block_shapes(f"decoder.blocks.{i}", dec_width))
+  for i in range(pairs):
+    shapes[f"encoder.projection_heads.{i}.weight"] = (teacher_dim, width)
+    shapes[f"generators.{i}.norm.weight"] = shapes[f"generators.{i}.norm.bias"] = (teacher_dim,)
+    for j in range(gen_depth):
+      shapes.update(official_block_shapes(f"generators.{i}.blocks.{j}", teacher_dim))
+  return shapes
+
+
+def amd_student_config(size: str):
+  c = recipes.with_method_fields(config_base.base_config(), "amd")
+  recipes.video_model(c.model, size)
+  recipes.video_model(c.teacher.model, AMD_TEACHER)
+  c.model.update(dtype="float32", init_scheme="videomae")
+  dw, dd, dh = mapping.VIDEOMAE_DECODERS[size]
+  c.decoder.update(width=dw, depth=dd, num_heads=dh)
+  c.data.update(modality="video", image_size=224, num_frames=16, channels=3)
+  c.mask.update(ratio=0.9, kind="tube")
+  c.teacher.mask_ratio = 0.75
+  c.amd.update(student_layers="6,12", teacher_layers="12,24", generator_depth=2, shared_heads=True)
+  return c
+
+
+def random_like(abstract, seed):
+  """Non-trivial values of the usual magnitudes: LayerNorm scales near 1, biases small, kernels and tokens 0.02."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    name = str(getattr(path[-1], "key", path[-1]))
+    n = rng.standard_normal(a.shape).astype(np.float32)
+    if name == "scale":
+      return 1.0 + 0.1 * n
+    if name in ("bias", "q_bias", "v_bias"):
+      return 0.05 * n
+    return 0.02 * n
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def videomae_layer(dim, sd, prefix):
+  """transformers' VideoMAE layer (an independent PyTorch block) holding the official block `prefix`'s weights."""
+  cfg = transformers.VideoMAEConfig(hidden_size=dim, num_attention_heads=dim // 64, intermediate_size=4 * dim,
+                                    layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True,
+                                    attn_implementation="eager")
+  from transformers.models.videomae import modeling_videomae  # pylint: disable=g-import-not-at-top
+  layer = modeling_videomae.VideoMAELayer(cfg).eval()
+  t = lambda k: torch.from_numpy(np.asarray(sd[f"{prefix}.{k}"]))
+  q, k, v = t("attn.qkv.weight").split(dim)
+  sa = layer.attention.attention
+  with torch.no_grad():
+    sa.query.weight.copy_(q), sa.key.weight.copy_(k), sa.value.weight.copy_(v)
+    if getattr(sa, "q_bias", None) is not None:   # transformers 4.x
+      sa.q_bias.copy_(t("attn.q_bias")), sa.v_bias.copy_(t("attn.v_bias"))
+    else:
+      sa.query.bias.copy_(t("attn.q_bias")), sa.value.bias.copy_(t("attn.v_bias"))
+    for module, name in ((layer.attention.output.dense, "attn.proj"), (layer.intermediate.dense, "mlp.fc1"),
+                         (layer.output.dense, "mlp.fc2"), (layer.layernorm_before, "norm1"),
+                         (layer.layernorm_after, "norm2")):
+      module.weight.copy_(t(f"{name}.weight")), module.bias.copy_(t(f"{name}.bias"))
+  return layer
+
+
+def run_amd_case(size: str, seed: int = 0) -> dict:
+  c = amd_student_config(size)
+  method = AMD(c)
+  x = jnp.zeros((1, 16, 224, 224, 3), jnp.float32)
+  params = random_like(jax.eval_shape(method.init, jax.random.PRNGKey(0), {"video": x}), seed)
+  arch = convert.arch_from_run_config(c)
+  parts = ("encoder", "decoder", "amd")
+  sd = convert.flax_to_torch(params, arch, "amd", parts=parts)
+  a = arch.amd
+  expected = official_amd_shapes(arch.width, arch.depth, a.teacher_width, a.num_pairs, a.generator_depth,
+                                 arch.decoder.width, arch.decoder.depth)
+  keys_match = {k: tuple(v.shape) for k, v in sd.items()} == expected
+  back, _ = convert.torch_to_flax(sd, arch, "amd", parts=parts, scan=bool(c.model.scan), strict=True,
+                                  generator_mask_tokens=mapping.generator_mask_tokens(params))
+  same = jax.tree.structure(back) == jax.tree.structure(params) and all(
+      np.array_equal(u, v) for u, v in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
+  # Projection heads + generators on one nested mask, against transformers' VideoMAE layers (float32 and 64).
+  nm = method.nested_mask(jax.random.PRNGKey(seed + 1), x)
+  vis, diff_idx = np.array(nm.student), np.array(nm.diff)
+  z = np.random.default_rng(seed + 2).standard_normal((1, vis.shape[1], arch.width)).astype(np.float32)
+  gen = method.generator(method.grid(x))
+  table = torch.from_numpy(mapping.fixed_table(arch, a.teacher_width))[0]
+  worst, floor = 0.0, 0.0
+  for i in range(a.num_pairs):
+    proj = z @ params["projections"][f"proj_{i}"]["kernel"]
+    ours = jax.jit(gen.apply)({"params": params["generators"][f"gen_{i}"]}, jnp.asarray(proj), nm.student, nm.diff)
+    layers = [videomae_layer(a.teacher_width, sd, f"generators.{i}.blocks.{j}") for j in range(a.generator_depth)]
+    token = torch.from_numpy(np.asarray(params["generators"][f"gen_{i}"]["mask_token"]))
+    outs = []
+    for dtype in (torch.float32, torch.float64):
+      with torch.no_grad():
+        feat = torch.from_numpy(z).to(dtype) @ torch.from_numpy(sd[f"encoder.projection_heads.{i}.weight"]).to(dtype).T
+        h = torch.cat([feat + table[vis].to(dtype), token.to(dtype) + table[diff_idx].to(dtype)], dim=1)
+        for layer in layers:
+          out = layer.to(dtype)(h)
+          h = out[0] if isinstance(out, tuple) else out
+        outs.append(h[:, -diff_idx.shape[1]:].numpy())
+    d = lambda u, v: float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64))))
+    worst = max(worst, d(ours, outs[0]))
+    floor = max(floor, d(outs[1], outs[0]))
+  return {"size": size, "width": arch.width, "depth": arch.depth, "teacher": a.teacher_width, "pairs": a.num_pairs,
+          "gen depth": a.generator_depth, "gen heads": a.heads, "tensors": len(sd), "keys match": keys_match,
+          "round trip": same, "generator": worst, "generator floor": floor,
+          "tokens": f"{vis.shape[1]} visible + {diff_idx.shape[1]} generated"}
+
+
+def render(results: list[dict], amd_results: list[dict] = ()) -> str:
   lines = [
       "# Numerical parity with PyTorch (transformers ViTMAE / VideoMAE)",
       "",
@@ -336,6 +523,62 @@ def render(results: list[dict]) -> str:
     lines.append("")
   worst = max((max(r[o] for o in OUTPUTS) for r in results), default=0.0)
   lines += [f"Largest difference over every row and output: {worst:.2e}.", ""]
+  if results:
+    lines += [
+        "## Exported to transformers",
+        "",
+        "The converted params of each row above, written back by `amd_jax.convert.export_torch` (layout `hf_vitmae` /",
+        "`hf_videomae`) as two save_pretrained directories: the encoder alone, loaded with `ViTMAEModel` /",
+        "`VideoMAEModel.from_pretrained`, and encoder + decoder, loaded with the `ForPreTraining` class (`loading",
+        "report`: missing + unexpected + mis-shaped keys over both, with `output_loading_info=True`). `weights` compares",
+        "the reloaded pre-training model's state dict with the original transformers model's (position tables: amd_jax's",
+        "own, max difference in the next column). `encoder, all tokens` runs the reloaded base model on every token",
+        "(ViTMAE: `mask_ratio=0` and increasing `noise`, so the tokens stay in grid order) against amd_jax's encoder",
+        "[float32 floor in brackets].",
+        "",
+        "| family | size | loading report | weights | position tables | tokens | encoder, all tokens |",
+        "|---|---|---|---|---|---|---|"]
+    for r in results:
+      lines.append(
+          f"| {r['family']} | {r['size']} | {'clean' if r['hf loading problems'] == 0 else r['hf loading problems']} | "
+          f"{'bit-identical' if r['hf weights identical'] else 'DIFFER'} | {r['hf table diff']:.1e} | {r['hf tokens']} | "
+          f"{r['hf encoder all tokens']:.1e} [{r['hf floor']:.1e}] |")
+    lines.append("")
+  if amd_results:
+    lines += [
+        "## AMD students, whole (official AMD naming)",
+        "",
+        "amd_jax's AMD parameter tree (`AMD.init`: encoder, pixel decoder, one projection head and one 2-block generator",
+        f"per aligned layer pair; ViT-{AMD_TEACHER} teacher, pairs 6/12 -> 12/24, 16x224x224, tube mask 0.9, teacher 0.75)",
+        "with random values, exported with `layout='amd'` and parts encoder, decoder, amd. `official keys` compares the",
+        "exported names and shapes with the official `PretrainAMD` state dict (listed in the script from the official",
+        "code); `round trip` converts the export back (scanned encoder, mask tokens given) and compares bit for bit.",
+        "`generators` runs every projection head and generator on the same nested mask in amd_jax and in PyTorch",
+        "(transformers' VideoMAE layers loaded with the exported block weights, the official forward's token layout:",
+        "`[projected visible + pos, mask token + pos]`, output at the generated positions) [float32 floor].",
+        "",
+        "| student | width/depth | teacher width | pairs | generator depth/heads | tensors | official keys | round trip "
+        "| tokens | generators |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in amd_results:
+      lines.append(
+          f"| {r['size']} | {r['width']}/{r['depth']} | {r['teacher']} | {r['pairs']} | {r['gen depth']}/{r['gen heads']} | "
+          f"{r['tensors']} | {'match' if r['keys match'] else 'DIFFER'} | "
+          f"{'bit-identical' if r['round trip'] else 'DIFFERS'} | {r['tokens']} | "
+          f"{r['generator']:.1e} [{r['generator floor']:.1e}] |")
+    lines += [
+        "",
+        "The official model keeps the generators' mask tokens in a plain Python list: they are never registered, so",
+        "never trained or saved (they stay at their random init). Converting an official checkpoint whole therefore",
+        "takes them from a file (`generator_mask_tokens=` / `--generator_mask_tokens`, .npy or .npz) or draws them with",
+        "amd_jax's generator init (the report says which); amd_jax's own exports write them beside the weights",
+        "(`FILE.generator_mask_tokens.npy`) and read them back from there. Each official generator also registers a",
+        "final `norm` that its forward never applies: amd_jax's generator has no such layer, so the converter reports",
+        "it as not converted and exports it as the identity (weight 1, bias 0), which is what the official init",
+        "gives. With `amd.shared_heads=False` amd_jax trains separate generator projections: converted from an",
+        "official checkpoint they start as copies of the shared heads (the same function); exporting distinct ones",
+        "is refused (the official model has no place for them).",
+        ""]
   lines += [
       "## Where transformers differs from the official code (and what the comparison does about it)",
       "",
@@ -371,21 +614,56 @@ def render(results: list[dict]) -> str:
       "",
       "## Converting checkpoints",
       "",
+      "PyTorch is needed only to read or write PyTorch files; its CPU wheel is enough:",
+      "`pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu` (or `pip install 'amd_jax[torch]'`).",
+      "The transformers layouts also need `pip install transformers`.",
+      "",
       "```",
       "# official VideoMAE ViT-L (pre-training checkpoint, `encoder.` prefix) -> DIR/params.npz + DIR/conversion.json",
       "python -m amd_jax.convert to_flax --arch vit_l --layout videomae --input vit_l_k400.pth --output DIR",
       "# official MAE ViT-B; MAE-lite's ViT-Ti needs --arch vit_ti --num_heads 12 (heads are never read from shapes)",
       "python -m amd_jax.convert to_flax --arch vit_b --layout mae --input mae_pretrain_vit_base.pth --output DIR",
-      "# the student encoder of an amd_jax run (architecture from its config.json), official naming",
+      "# an official AMD ViT-S student, whole (projection heads and generators: name the teacher)",
+      "python -m amd_jax.convert to_flax --arch vit_s --layout amd --teacher_arch vit_l --input checkpoint-799.pth --output DIR",
+      "# a transformers save_pretrained directory (or its model.safetensors): layout and architecture from config.json",
+      "python -m amd_jax.convert to_flax --input vit-mae-base/ --output DIR",
+      "# an amd_jax run (architecture from its config.json): the student encoder in the official naming",
       "python -m amd_jax.convert to_torch --workdir RUN_DIR --output student.pth          # or .safetensors",
       "python -m amd_jax.convert to_torch --workdir RUN_DIR --output full.pth --include_decoder",
+      "python -m amd_jax.convert to_torch --workdir AMD_RUN --parts all --output whole.pth   # + projection heads, generators",
+      "# ... or as a transformers directory: ViTMAEModel / VideoMAEModel.from_pretrained(DIR) (ForPreTraining with",
+      "# --include_decoder)",
+      "python -m amd_jax.convert to_torch --workdir RUN_DIR --layout hf_vitmae --output DIR",
+      "# a file amd_jax exported converts back with no architecture flags",
+      "python -m amd_jax.convert to_flax --input student.pth --output DIR",
       "```",
       "",
-      "From Python, a teacher file goes straight to encoder params: "
-      "`amd_jax.convert.load_torch_encoder(path, config.model)` (shapes checked against the config, missing",
-      "encoder keys raise, the report is logged). Layouts: `mae`, `videomae`, `amd`, `hf_vitmae`, `hf_videomae`",
-      "(`auto` detects the naming from the keys). Prefixes `encoder.` / `backbone.` / `module.` and wrappers",
-      "`{'model': ...}` / `{'module': ...}` are handled; files are read with `torch.load(weights_only=True)`.",
+      "Every input and output may be a `gs://` URL; outputs are written all or nothing, with the user's umask (0644",
+      "typically), and an existing one is replaced only with `--overwrite`. Beside each exported file amd_jax writes",
+      "a record of what it wrote (`FILE.amd_jax.json`, for `.safetensors` also in the file's own metadata; in a",
+      "transformers directory `amd_jax.json`): layout, architecture, parts, the run it came from. `to_flax` and the",
+      "Python loaders read it, so a file amd_jax wrote needs neither `--layout` nor `--arch` (and a model config whose",
+      "head count disagrees with it is refused). Layout detection uses that record, then a transformers",
+      "`config.json`, then the key names (`mae`, `videomae`, `amd`, `hf_vitmae`, `hf_videomae`). An AMD export of",
+      "the encoder (and decoder) alone has VideoMAE's key names; only its record says `amd`.",
+      "",
+      "A transformers directory from `to_torch` holds the base model (`ViTMAEModel` / `VideoMAEModel` load it",
+      "with no missing or unexpected keys) or, with the decoder, the pre-training model (`ForPreTraining` loads it",
+      "cleanly; the base class then reports the decoder's keys as unused, as transformers does for any checkpoint",
+      "with a head). Its config.json carries the run's mask ratio; for features of every token pass",
+      "`mask_ratio=0.0` to `ViTMAEModel.from_pretrained` and an increasing `noise` to the forward (ViTMAE masks",
+      "and shuffles inside its embeddings). transformers builds VideoMAE's decoder `norm` with eps 1e-5 (amd_jax and",
+      "the official code: 1e-6), so exported VideoMAE decoders differ from amd_jax's by float32-small amounts; the",
+      "encoder is unaffected. What transformers cannot express is refused with the reason (an image model without",
+      "a cls token, a ViTMAE encoder without its final LayerNorm, a classifier head).",
+      "",
+      "From Python: `amd_jax.convert.load_torch_encoder(path, config.model)` gives a teacher's encoder params",
+      "(shapes checked against the config, missing encoder keys raise, the report is logged);",
+      "`load_torch_checkpoint(path, arch, parts=...)` every part (`encoder`, `decoder`, `classifier`, `amd`; for a",
+      "whole AMD student `arch = convert.arch_from_run_config(config)` and `parts=('encoder', 'decoder', 'amd')`",
+      "give exactly `AMD.init`'s tree); `export_torch(params, path, arch, layout)` the other way. Prefixes",
+      "`encoder.` / `backbone.` / `module.` and wrappers `{'model': ...}` / `{'module': ...}` are handled; files are",
+      "read with `torch.load(weights_only=True)`.",
       "",
   ]
   return "\n".join(lines)
@@ -395,6 +673,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--sizes", default="Ti,S,B,L")
   ap.add_argument("--families", default="image,video")
+  ap.add_argument("--amd_sizes", default="S,B", help="AMD students converted whole ('' for none)")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs",
                                                 "parity.md"))
   args = ap.parse_args()
@@ -407,8 +686,18 @@ def main():
       results.append(r)
       print(f"{fam:5s} {size:2s}: " + ", ".join(f"{o} {r[o]:.2e}" for o in OUTPUTS)
             + f", official naming {'bit-identical' if r['official naming bit-identical'] else 'DIFFERS'}"
+            + f"; exported to transformers: {r['hf loading problems']} loading problems, weights "
+            + f"{'bit-identical' if r['hf weights identical'] else 'DIFFER'}, encoder {r['hf encoder all tokens']:.2e}"
             + f" ({time.time() - t0:.0f}s)", flush=True)
-  text = render(results)
+  amd_results = []
+  for size in filter(None, args.amd_sizes.split(",")):
+    t0 = time.time()
+    r = run_amd_case(size)
+    amd_results.append(r)
+    print(f"amd   {size:2s}: official keys {'match' if r['keys match'] else 'DIFFER'}, round trip "
+          f"{'bit-identical' if r['round trip'] else 'DIFFERS'}, generators {r['generator']:.2e} "
+          f"[{r['generator floor']:.2e}] ({time.time() - t0:.0f}s)", flush=True)
+  text = render(results, amd_results)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     f.write(text)

@@ -1061,6 +1061,7 @@ def test_detected_layout_of_every_export(tmp_path):
     sd, info = torch_io.read_state_dict(path)
     assert convert.detect_layout(sd, info["record"], info["hf_config"]) == layout, name
     assert info["record"]["parts"] == list(parts), name
+    assert convert.read_export(path)["layout"] == layout, name
     recorded, _ = convert.recorded_arch(info)
     back, report = convert.load_torch_checkpoint(path, recorded, strict=True)
     assert report.layout == layout and report.parts == list(parts), name

@@ -227,6 +227,22 @@ def test_save_pretrained_directory_needs_no_layout_or_arch(tmp_path, capsys):
     params, meta = convert.load_flax_params(str(out / "params.npz"))
     assert meta["arch"]["num_heads"] == HEADS and meta["parts"] == ["encoder", "decoder"]
     assert_trees_bit_equal(params, expected)
+  # transformers' other formats: pytorch_model.bin (what 4.x wrote by default; 5.x writes safetensors only, so
+  # the same tensors are saved by hand), and shards listed in an index file.
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  (tmp_path / "vitmae_bin").mkdir()
+  (tmp_path / "vitmae_bin" / "config.json").write_text((directory / "config.json").read_text())
+  torch.save(load_file(str(directory / "model.safetensors")), str(tmp_path / "vitmae_bin" / "pytorch_model.bin"))
+  model.save_pretrained(str(tmp_path / "vitmae_shards"), max_shard_size="100KB")
+  for name in ("bin", "shards"):
+    other = tmp_path / f"vitmae_{name}"
+    assert cli.main(["to_flax", "--input", str(other), "--output", str(tmp_path / f"flax_{name}")]) == 0
+    params, _ = convert.load_flax_params(str(tmp_path / f"flax_{name}" / "params.npz"))
+    assert_trees_bit_equal(params, expected)
+  assert any(n.endswith(".index.json") for n in os.listdir(tmp_path / "vitmae_shards"))
+  assert cli.main(["to_flax", "--input", str(tmp_path / "vitmae_bin" / "pytorch_model.bin"), "--output",
+                   str(tmp_path / "flax_bin_file")]) == 0
+  assert "layout: hf_vitmae (from config.json)" in capsys.readouterr().out
   # A teacher or init given as the directory (what weights.load_encoder calls).
   cfg = run_config(False)
   assert_trees_bit_equal(convert.load_torch_encoder(str(directory), cfg.model, image_size=IMG),

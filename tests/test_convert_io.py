@@ -1,6 +1,7 @@
 """Conversion input and output: gs:// URLs (the local GCS emulator), the user's umask, never overwriting."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amd_jax import config_base, convert
+from amd_jax import config_base, convert, paths
 from amd_jax.convert import __main__ as cli
 from amd_jax.convert import torch_io
 from amd_jax.methods.mae import MAE
@@ -127,4 +128,21 @@ def test_conversion_to_and_from_a_bucket(gcs, tmp_path, capsys):
   hf_params, _ = torch_io.load_flax_params(gcs / "flax_hf/params.npz")
   assert_trees_bit_equal(hf_params, params)
   back, _ = convert.load_torch_checkpoint(gcs / "back/full.safetensors", arch, strict=True)
+  assert_trees_bit_equal(back, params)
+
+
+@pytest.mark.gcs
+def test_to_torch_from_a_run_in_a_bucket(gcs, tmp_path):
+  """An amd_jax workdir in the bucket (its config.json and checkpoint) exported to the bucket."""
+  from amd_jax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  params, cfg = image_params(), image_config()
+  paths.write_text(gcs / "run/config.json", cfg.to_json_best_effort())
+  ckpt = Checkpointer(gcs / "run", every_steps=1, keep=1, async_save=False)
+  ckpt.save(1, {"step": jnp.asarray(1), "params": params}, force=True)
+  ckpt.close()
+  assert cli.main(["to_torch", "--workdir", gcs / "run", "--include_decoder", "--output",
+                   gcs / "student.safetensors"]) == 0
+  record = json.loads(paths.read_text(gcs / "student.safetensors.amd_jax.json"))
+  assert record["source"] == gcs / "run" and record["layout"] == "mae"
+  back, _ = convert.load_torch_checkpoint(gcs / "student.safetensors", image_arch(), strict=True)
   assert_trees_bit_equal(back, params)

@@ -19,6 +19,7 @@ transformers is imported only when a directory is written.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Iterable, Mapping
@@ -131,6 +132,19 @@ def hf_config(arch: mapping.Arch, layout: str, *, decoder: bool, has_norm: bool 
   return config
 
 
+@contextlib.contextmanager
+def _quiet(transformers):
+  """transformers' per-file progress bars, off for the few files an export writes (and restored after)."""
+  hf_logging = transformers.utils.logging
+  was_enabled = hf_logging.is_progress_bar_enabled()
+  hf_logging.disable_progress_bar()
+  try:
+    yield
+  finally:
+    if was_enabled:
+      hf_logging.enable_progress_bar()
+
+
 def _expected_keys(config, class_name: str) -> dict[str, tuple[int, ...]]:
   """Every state-dict key (and shape) of the transformers class, from a model built without memory."""
   transformers = _transformers()
@@ -205,7 +219,8 @@ def export_dir(params: Mapping, directory: str, arch: mapping.Arch, layout: str,
   record = dict(record or {}, hf_class=config.architectures[0])
   with tempfile.TemporaryDirectory(prefix="amd_jax_hf_") as tmp:
     # transformers writes the names every version it supports reads (5.x saves its 4.x names).
-    model.save_pretrained(tmp, safe_serialization=True)
+    with _quiet(transformers):
+      model.save_pretrained(tmp, safe_serialization=True)
     names = sorted(os.listdir(tmp), key=lambda n: n.endswith((".safetensors", ".bin")))   # the weights last
     targets = [paths.join(directory, n) for n in names] + [paths.join(directory, torch_io.DIR_RECORD)]
     existing = [t for t in targets if paths.exists(t)]
