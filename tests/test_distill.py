@@ -9,34 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amd_jax import config_base, config_validation, losses, masking, recipes, weights
+from amd_jax import config_base, config_validation, losses, masking, weights
 from amd_jax.methods import get_method
 from amd_jax.methods import g2sd as g2sd_lib
 from amd_jax.methods import tinymim as tinymim_lib
 from amd_jax.models import posemb, vit
 from amd_jax.train import loop
+from testlib import tiny_distill_config as tiny
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def tiny(method, teacher="random"):
-  """32x32 grey images in 8-pixel patches (16 tokens + cls); student 32 wide, 2 heads; teacher 64 wide, 4 heads."""
-  c = recipes.with_method_fields(config_base.base_config(), method)
-  c.model.update(variant="tiny", patch_size=8, width=32, depth=2, num_heads=2)
-  c.teacher.model.update(variant="tiny", patch_size=8, width=64, depth=2, num_heads=4)
-  c.decoder.update(width=32, depth=1, num_heads=2)
-  c.data.update(source="synthetic", synthetic_size=32, image_size=32, channels=1)
-  c.batch_size, c.total_steps, c.num_epochs = 4, 1, -1.0
-  c.log_every_steps, c.checkpoint_every_steps = 1, 100  # one (final) checkpoint: saves are slow on 2 cores
-  c.teacher.checkpoint = teacher
-  if method == "dmae":
-    c.dmae.update(attn_student_layers="2", attn_teacher_layers="2")
-  elif method == "tinymim":
-    c.tinymim.update(teacher_layer=2, student_last_heads=4)
-  elif method == "g2sd":
-    c.teacher.decoder.update(width=32, depth=2, num_heads=2)
-    c.g2sd.teacher_decoder_layer = 1
-  return c
 
 
 def batch_of(c, b=4, seed=1):

@@ -4,7 +4,7 @@ import pytest
 
 from amd_jax import config_base, convert, weights
 from amd_jax.train import loop
-from test_distill import tiny
+from testlib import tiny_distill_config as tiny
 
 
 def test_g2sd_end_to_end_teacher_workdir_and_files(tmp_path):
