@@ -48,6 +48,12 @@ def tiny_config():
   return lambda arg=None: load_config("test_tiny", arg)
 
 
+@pytest.fixture(scope="session")
+def shipped_config():
+  """Any file of configs/ by name: shipped_config('amd_vit_s_ssv2', 'runlocal')."""
+  return load_config
+
+
 @pytest.fixture
 def library_log(caplog):
   """caplog that also sees the `amd_jax` logger (which has its own stderr handler and does not propagate)."""

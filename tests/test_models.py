@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from amd_jax.models import decoders, posemb, vit
+from amd_jax import config_base
+from amd_jax.models import classifier, decoders, logical, posemb, vit
 
 W, D, H = vit.VARIANTS["tiny"]  # 32 wide, 2 deep, 2 heads
 
@@ -143,11 +144,16 @@ def np_encoder(params, x, keep, *, heads, patch, tub=0, cls=True, qkv_bias="fuse
 # ----------------------------------------------------------------------------- helpers
 
 
+def abstract_params(model, *args, **kwargs):
+  """ShapeDtypeStructs of `model`'s params, unboxed from their logical axis names (no compile)."""
+  return logical.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *args, **kwargs)["params"])
+
+
 def random_params(model, *args, seed=0, **kwargs):
   """Generic float32 parameters of `model` in its own tree layout, made in NumPy from jax.eval_shape
   (which traces but compiles nothing): kernels ~ N(0, 1/fan_in), LN scales ~ 1 + N(0, .1^2), other
   leaves (biases, q/v biases, cls / mask tokens) ~ N(0, .1^2)."""
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args, **kwargs)["params"]
+  shapes = abstract_params(model, *args, **kwargs)
   r = np.random.default_rng(seed)
 
   def make(path, leaf):
@@ -195,7 +201,7 @@ def test_variants_table():
   assert vit.VARIANTS["B"] == (768, 12, 12)
   assert vit.VARIANTS["L"] == (1024, 24, 16)
   assert vit.VARIANTS["H"] == (1280, 32, 16)
-  for name, (w, d, h) in vit.VARIANTS.items():
+  for name, (w, _, h) in vit.VARIANTS.items():
     assert w % h == 0, name
 
 
@@ -372,8 +378,7 @@ def test_qv_bias_params_and_zero_k_bias():
 
 def test_fused_and_none_bias_layouts():
   x = images(seed=11)
-  shapes = lambda bias: jax.eval_shape(vit.Encoder(W, 1, H, patch_size=4, qkv_bias=bias).init,
-                                       jax.random.PRNGKey(0), x)["params"]
+  shapes = lambda bias: abstract_params(vit.Encoder(W, 1, H, patch_size=4, qkv_bias=bias), x)
   p_fused = shapes("fused")
   assert set(p_fused["blocks_0"]["attn"]) == {"qkv", "proj"}
   assert p_fused["blocks_0"]["attn"]["qkv"]["bias"].shape == (3 * W,)
@@ -482,7 +487,7 @@ def test_scan_matches_unscanned():
   params = init_params(plain, x, keep)
   sparams = restack(params, depth)
   # The restacked tree has exactly the scanned model's structure and shapes.
-  ref = jax.eval_shape(scanned.init, jax.random.PRNGKey(0), x, keep)["params"]
+  ref = abstract_params(scanned, x, keep)
   assert jax.tree_util.tree_map(lambda a: a.shape, sparams) == jax.tree_util.tree_map(lambda a: a.shape, ref)
   y, out = plain.apply({"params": params}, x, keep)
   ys, outs = jax.jit(scanned.apply)({"params": sparams}, x, keep)
@@ -525,7 +530,7 @@ def test_bfloat16_compute_keeps_float32_params():
   keep = random_keep(2, 16, 6, seed=14)
   f32 = vit.Encoder(W, D, H, patch_size=4, attn_layers=(1,))
   bf16 = vit.Encoder(W, D, H, patch_size=4, attn_layers=(1,), dtype=jnp.bfloat16)
-  shapes = jax.eval_shape(bf16.init, jax.random.PRNGKey(0), x, keep)["params"]
+  shapes = abstract_params(bf16, x, keep)
   assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(shapes))
   params = random_params(bf16, x, keep)
   y16, out16 = bf16.apply({"params": params}, x, keep)
@@ -604,6 +609,37 @@ def test_invalid_layers_message_names_the_field():
     model = vit.Encoder(W, D, H, patch_size=4, **{field: (9,)})
     with pytest.raises(ValueError, match=field):
       jax.eval_shape(model.init, jax.random.PRNGKey(0), images(size=8))
+
+
+@pytest.mark.parametrize("shape,needles", [
+    ((2, 28, 28, 1), ("28x28", "patch_size=16")),          # docs' Fashion-MNIST images into a /16 ViT
+    ((2, 32, 28, 3), ("32x28", "patch_size=16")),
+    ((2, 5, 32, 32, 3), ("5 frames", "tubelet_size=2")),
+    ((2, 4, 30, 32, 3), ("30x32", "patch_size=16")),
+    ((32, 32, 3), ("[batch, height, width, channels]", "(32, 3)")),
+])
+def test_input_the_patches_do_not_tile_is_refused(shape, needles):
+  model = vit.Encoder(W, 1, H, patch_size=16, tubelet_size=2)
+  with pytest.raises(ValueError) as info:
+    jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape))
+  for needle in needles:
+    assert needle in str(info.value), str(info.value)
+
+
+def test_token_grid_checks_what_it_is_given():
+  assert vit.token_grid((32, 48, 3), 16).shape == (2, 3)
+  assert vit.token_grid((4, 32, 32, 3), 16, 2).shape == (2, 2, 2)
+  with pytest.raises(ValueError, match="tubelet_size=0"):
+    vit.token_grid((4, 32, 32, 3), 16, 0)
+  with pytest.raises(ValueError, match="patch_size=0"):
+    vit.token_grid((32, 32, 3), 0)
+
+
+def test_classifier_refuses_images_its_patches_do_not_tile():
+  model_cfg = config_base.model_config("tiny")   # patch_size 16, as docs/api.md's first try used
+  clf = classifier.classifier_from_config(model_cfg, num_classes=10, pool="mean")
+  with pytest.raises(ValueError, match="28x28 is not divisible by patch_size=16"):
+    jax.eval_shape(clf.init, jax.random.PRNGKey(0), jnp.zeros((8, 28, 28, 1)))
 
 
 def test_scan_with_attention_internals_raises():

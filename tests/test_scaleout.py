@@ -275,7 +275,7 @@ def test_gpu_slurm_script_derives_coordinator(tmp_path, tasks, nodes, proc_id, l
                          "--workdir", str(tmp_path / "w")], env=env, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, _fail_text(proc)
   lines = proc.stdout.splitlines()
-  assert f"JAX_COORDINATOR_ADDRESS=gpu-node-07:23456" in lines
+  assert "JAX_COORDINATOR_ADDRESS=gpu-node-07:23456" in lines
   assert f"JAX_NUM_PROCESSES={tasks}" in lines and f"JAX_PROCESS_ID={proc_id}" in lines
   assert f"JAX_LOCAL_DEVICE_IDS={devices}" in lines
   assert f"python -m amd_jax.main --config configs/amd_vit_s_ssv2.py --workdir {tmp_path / 'w'}" in lines
@@ -332,8 +332,9 @@ _STEP_SCRIPT = _TINY_AMD + textwrap.dedent(r"""
     tx, schedule = optim.make_optimizer(cfg.optim, batch_size=8, total_steps=10, warmup_steps=0)
     init_key, step_key = jax.random.split(jax.random.PRNGKey(0))
 
-    def init_state(rng):
-      params = method.init(rng, example)
+    def init_state(rng, with_axes=False):
+      # with_axes: params and Adam moments boxed with their logical axis names (as the loop lays out the state)
+      params = (method.init_with_axes if with_axes else method.init)(rng, example)
       return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     def path_str(path):
@@ -356,9 +357,11 @@ _STEP_SCRIPT = _TINY_AMD + textwrap.dedent(r"""
     def make_mesh(devices=None, **kw):
       return sharding.make_mesh(ml_collections.ConfigDict(dict(dict(data=1, fsdp=1, tensor=1), **kw)), devices)
 
-    abstract = jax.eval_shape(init_state, init_key)
+    abstract = jax.eval_shape(lambda k: init_state(k, with_axes=True), init_key)
     host_state = jax.device_get(jax.jit(init_state)(init_key))
     teacher_host = jax.device_get(jax.jit(method.teacher_init)(jax.random.PRNGKey(1), example))
+    # A loaded teacher is a plain tree: it takes the layout of its boxed abstract counterpart.
+    teacher_abstract = jax.eval_shape(method.teacher_init_with_axes, jax.random.PRNGKey(1), example)
 
     results, params, states = {}, {}, {}
     MESHES = [("one", dict(devices=jax.devices()[:1])), ("data8", dict(data=8)), ("fsdp8", dict(fsdp=8)),
@@ -367,7 +370,7 @@ _STEP_SCRIPT = _TINY_AMD + textwrap.dedent(r"""
       mesh = make_mesh(**kw)
       fsdp = mesh.shape["fsdp"] > 1
       shard = sharding.tree_shardings(abstract, mesh, fsdp=fsdp)
-      t_shard = sharding.tree_shardings(teacher_host, mesh, fsdp=fsdp)   # shard_teacher='auto'
+      t_shard = sharding.tree_shardings(teacher_abstract, mesh, fsdp=fsdp)   # shard_teacher='auto'
       bs = sharding.batch_sharding(mesh)
       state = jax.device_put(host_state, shard)
       teacher = jax.device_put(teacher_host, t_shard)
@@ -405,7 +408,8 @@ _STEP_SCRIPT = _TINY_AMD + textwrap.dedent(r"""
     for name, kw in [("data8", dict(data=8)), ("mixed", dict(data=2, fsdp=2, tensor=2)), ("fsdp8", dict(fsdp=8))]:
       mesh = make_mesh(**kw)
       shard = sharding.tree_shardings(abstract, mesh, fsdp=mesh.shape["fsdp"] > 1)
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            sharding.unbox(abstract), shard)
       got = ck.restore(2, target)
       same = all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
                                               jax.device_get(got), saved_host)))

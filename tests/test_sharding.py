@@ -61,7 +61,7 @@ def test_one_device_mesh_and_specs():
   assert sharding.batch_sharding(mesh).spec == jax.sharding.PartitionSpec(("data", "fsdp"))
   assert sharding.replicated(mesh).spec == jax.sharding.PartitionSpec()
   # No fsdp/tensor axes: nothing is split.
-  assert sharding.leaf_spec("encoder/blocks_0/attn/qkv/kernel", (32, 96), mesh) == jax.sharding.PartitionSpec(
+  assert sharding.param_spec(("embed", "qkv"), (32, 96), dict(mesh.shape)) == jax.sharding.PartitionSpec(
       None, None)
 
 
@@ -88,8 +88,9 @@ _SCRIPT = textwrap.dedent(r"""
     tx, schedule = optim.make_optimizer(cfg.optim, batch_size=8, total_steps=10, warmup_steps=0)
     init_key, step_key = jax.random.split(jax.random.PRNGKey(0))
 
-    def init_state(rng):
-      params = method.init(rng, example)
+    def init_state(rng, with_axes=False):
+      # with_axes: params and Adam moments boxed with their logical axis names (as the loop lays out the state)
+      params = (method.init_with_axes if with_axes else method.init)(rng, example)
       return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     def path_str(path):
@@ -117,15 +118,17 @@ _SCRIPT = textwrap.dedent(r"""
     def make_mesh(data=-1, fsdp=1, tensor=1, devices=None):
       return sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor)), devices)
 
-    abstract = jax.eval_shape(init_state, init_key)
+    abstract = jax.eval_shape(lambda k: init_state(k, with_axes=True), init_key)
     host_state = jax.device_get(jax.jit(init_state)(init_key))
+    assert jax.tree.structure(sharding.unbox(abstract)) == jax.tree.structure(host_state)
     results, params = {}, {}
 
     # Layout only (no compile): rules applied to the abstract state.
     for name, kw in [("fsdp8", dict(data=1, fsdp=8)), ("tensor4", dict(data=2, tensor=4))]:
       mesh = make_mesh(**kw)
       shard = sharding.tree_shardings(abstract, mesh, fsdp=mesh.shape["fsdp"] > 1)
-      results[name] = dict(mesh=dict(mesh.shape), n_devices=int(mesh.devices.size), layout=layout(abstract, shard))
+      results[name] = dict(mesh=dict(mesh.shape), n_devices=int(mesh.devices.size),
+                           layout=layout(sharding.unbox(abstract), shard))
 
     # Train steps: one device vs pure data parallel vs data x fsdp x tensor.
     for name, kw in [("one", dict(data=1, devices=jax.devices()[:1])), ("data8", dict(data=8)),

@@ -35,7 +35,8 @@ from amd_jax.models.decoders import MaskedTokenDecoder
 
 
 def _projection(width: int, dtype) -> nn.Dense:
-  return vit.Dense(width, use_bias=False, dtype=dtype, **vit.named_dense((logical.EMBED, logical.TEACHER_EMBED)))
+  axes = (logical.Axis.EMBED, logical.Axis.TEACHER_EMBED)
+  return vit.Dense(width, use_bias=False, dtype=dtype, **vit.named_dense(axes))
 
 
 class AMD(MAE):
@@ -130,7 +131,8 @@ class AMD(MAE):
         width=self.teacher_width, depth=a.generator_depth,
         num_heads=a.generator_heads or self.teacher_width // 64, grid=grid.shape, out_dim=0,
         mlp_ratio=4.0, qkv_bias=m.qkv_bias, pos_emb=m.pos_emb, has_cls=False, embed="none",
-        final_norm=False, train_mask_token=a.train_generator_mask_tokens, dtype=jnp.dtype(m.dtype))
+        final_norm=False, train_mask_token=a.train_generator_mask_tokens, dtype=jnp.dtype(m.dtype),
+        init_scheme=m.init_scheme)
 
   def nested_mask(self, key, x) -> masking.NestedMask:
     return masking.nested_mask(key, x.shape[0], self.mask_spec(x), self.config.mask.ratio,

@@ -131,7 +131,7 @@ class DMAE(MAE):
   # --- interface ----------------------------------------------------------------
   def _hidden_projection(self) -> nn.Dense:
     return nn.Dense(self.t_width, use_bias=False,
-                    kernel_init=logical.with_axes(torch_default_init, (logical.EMBED, logical.TEACHER_EMBED)),
+                    kernel_init=logical.with_axes(torch_default_init, (logical.Axis.EMBED, logical.Axis.TEACHER_EMBED)),
                     dtype=jnp.dtype(self.config.model.dtype))
 
   def init_with_axes(self, rng, example_batch):
@@ -139,7 +139,7 @@ class DMAE(MAE):
     d = self.config.dmae
     k_attn, k_hidden = jax.random.split(jax.random.fold_in(rng, 1))
     if self.attn_s and (d.attn_adapter or self.s_heads != self.t_heads):
-      adapter_init = logical.with_axes(torch_default_init, (logical.STUDENT_HEADS, logical.TEACHER_HEADS))
+      adapter_init = logical.with_axes(torch_default_init, (logical.Axis.STUDENT_HEADS, logical.Axis.TEACHER_HEADS))
       params["attn_adapters"] = {
           f"adapter_{i}": {"kernel": adapter_init(jax.random.fold_in(k_attn, i), (self.s_heads, self.t_heads))}
           for i in range(len(self.attn_s))}

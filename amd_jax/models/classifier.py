@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from amd_jax.models import vit
+from amd_jax.models.logical import Axis
 
 POOLS = ("mean", "cls")
 
@@ -59,14 +60,15 @@ class Classifier(nn.Module):
     if self.pool == "cls":
       pooled = tokens[:, 0]
     else:
-      fc_norm = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name="fc_norm")
+      fc_norm = vit.layer_norm("fc_norm")
       pooled = fc_norm(tokens[:, prefix:].mean(axis=1))
       if dist is not None:  # the distillation token gets the same norm as the pooled tokens
         dist = fc_norm(dist)
     if features:
       return pooled.astype(jnp.float32)
-    dense = lambda name: nn.Dense(self.num_classes, kernel_init=head_init(self.head_init_scale),
-                                  dtype=jnp.float32, name=name)
+    dense = lambda name: nn.Dense(self.num_classes, dtype=jnp.float32, name=name,
+                                  **vit.named_dense((Axis.EMBED, Axis.CLASSES),
+                                                    head_init(self.head_init_scale)))
     logits = dense("head")(pooled.astype(jnp.float32))
     dist_logits = dense("head_dist")(dist.astype(jnp.float32)) if dist is not None else None
     return logits, dist_logits

@@ -6,6 +6,13 @@ position embedding of each token's own grid index (VideoMAE's layout). MAE's
 decoder un-shuffles to grid order instead; attention does not care about token
 order, so the outputs agree to float rounding, and the concatenated layout needs
 no scatter and keeps shapes static.
+
+Initialisation follows the encoder's `init_scheme` (amd_jax.models.vit): 'mae' gives the
+mask token N(0, 0.02) and a xavier-uniform input projection, as MAE; 'videomae' gives what
+the official VideoMAE/AMD code gives: the mask token truncated normal with std 0.02 cut at
++-0.02 (one std: the official wrapper of timm's trunc_normal_ passes a=-std, b=std), and
+the input projection (encoder_to_decoder, built outside the modules that re-initialise
+their Linears) at PyTorch's default Linear init. Every parameter carries logical axis names.
 """
 from __future__ import annotations
 
@@ -16,8 +23,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amd_jax.models import posemb
-from amd_jax.models.vit import LN_EPS, Block, dense_init, gather_tokens
+from amd_jax.models import logical, posemb
+from amd_jax.models.logical import Axis
+from amd_jax.models.vit import (Block, check_init_scheme, dense_init, gather_tokens, layer_norm, named_dense,
+                                torch_default_init)
+
+
+def truncated_normal_one_std(stddev: float):
+  """N(0, stddev^2) truncated to [-stddev, stddev] (not rescaled): timm's trunc_normal_(std, a=-std, b=std).
+
+  The values' standard deviation is about 0.54 stddev. flax's truncated_normal instead cuts at two
+  standard deviations and rescales to the requested std.
+  """
+  def init(key, shape, dtype=jnp.float32):
+    return stddev * jax.random.truncated_normal(key, -1.0, 1.0, shape, dtype)
+
+  return init
 
 
 class MaskedTokenDecoder(nn.Module):
@@ -51,16 +72,21 @@ class MaskedTokenDecoder(nn.Module):
   dtype: Any = jnp.float32
   max_depth: int = 0
   return_all: bool = False
+  init_scheme: str = "mae"   # mae | videomae (module docstring)
 
   @nn.compact
   def __call__(self, x, keep, target):
+    check_init_scheme(self.init_scheme)
+    official_video = self.init_scheme == "videomae"
     if self.embed != "none":
-      x = nn.Dense(self.width, use_bias=self.embed == "bias", kernel_init=dense_init, dtype=self.dtype,
-                   name="embed")(x)
+      embed_init = torch_default_init() if official_video else dense_init
+      x = nn.Dense(self.width, use_bias=self.embed == "bias", dtype=self.dtype, name="embed",
+                   **named_dense((Axis.ENCODER_EMBED, Axis.EMBED), embed_init))(x)
     x = x.astype(jnp.float32)
     b = x.shape[0]
     table = jnp.asarray(posemb.make_table(self.pos_emb, self.width, self.grid, cls_token=False))
-    mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width))
+    token_init = truncated_normal_one_std(0.02) if official_video else nn.initializers.normal(0.02)
+    mask_token = self.param("mask_token", logical.with_axes(token_init, logical.TOKEN_AXES), (1, 1, self.width))
     if not self.train_mask_token:
       # Parity with the official AMD generators, whose mask tokens are never registered.
       mask_token = jax.lax.stop_gradient(mask_token)
@@ -81,9 +107,9 @@ class MaskedTokenDecoder(nn.Module):
     else:
       h = h[:, -num_targets:]
     if self.final_norm:
-      h = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name="norm")(h)
+      h = layer_norm("norm")(h)
     if self.out_dim:
-      h = nn.Dense(self.out_dim, kernel_init=dense_init, dtype=self.dtype, name="head")(h)
+      h = nn.Dense(self.out_dim, dtype=self.dtype, name="head", **named_dense((Axis.EMBED, Axis.PATCH_PIXELS)))(h)
     return h.astype(jnp.float32)
 
   def _grid_order(self, h, keep, target):
@@ -105,8 +131,9 @@ class FeaturePredictor(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
+    # Named like an MLP: the hidden layer splits over 'tensor' as the blocks' fc1/fc2 do.
+    x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1", **named_dense((Axis.EMBED, Axis.MLP)))(x)
     x = nn.gelu(x, approximate=False)
-    x = nn.Dense(self.out_dim, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
+    x = nn.Dense(self.out_dim, dtype=self.dtype, name="fc2", **named_dense((Axis.MLP, Axis.TEACHER_EMBED)))(x)
     return x.astype(jnp.float32)
 

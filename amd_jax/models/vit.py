@@ -13,11 +13,17 @@ A TinyMIM student's last block may use its own head count (`last_block_num_heads
 
 Parameter names follow the official PyTorch modules (patch_embed.proj, blocks_i.
 norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2, norm) so conversion is a rename.
+Every parameter is created with the logical names of its axes (models/logical.py):
+`init` returns them boxed, `logical.unbox` gives the plain arrays.
+
+Initialisation (`init_scheme`): 'mae' is MAE's (xavier-uniform patch projection, zero
+bias); 'videomae' leaves the patch projection as the official VideoMAE/AMD code does,
+at PyTorch's default Conv3d init: weight and bias uniform in +-1/sqrt(fan_in) (for
+2x16x16 RGB tubelets into ViT-S, 2.2x narrower than xavier, and a non-zero bias).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -26,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amd_jax.models import logical, posemb
+from amd_jax.models.logical import Axis
 
 # (width, depth, heads). Heads are explicit: the MAE-family repositories disagree
 # on ViT-Ti's head count (3 in DeiT/MAE, 12 in MAE-lite), and attention or
@@ -42,6 +49,43 @@ VARIANTS: dict[str, tuple[int, int, int]] = {
 # Linear layers: xavier-uniform weights and zero biases, as the MAE family does.
 dense_init = nn.initializers.xavier_uniform()
 LN_EPS = 1e-6
+
+# How parameters are initialised where the MAE family's codebases differ (see the module docstring).
+INIT_SCHEMES = ("mae", "videomae")
+
+
+def check_init_scheme(init_scheme: str) -> None:
+  if init_scheme not in INIT_SCHEMES:
+    raise ValueError(f"init_scheme={init_scheme!r} is not known; allowed: {', '.join(INIT_SCHEMES)}")
+
+
+def torch_default_init(fan_in_axes=(-2,)):
+  """PyTorch's default Linear/Conv weight init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in))."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=fan_in_axes, out_axis=-1)
+
+
+def torch_default_bias_init(fan_in: int):
+  """PyTorch's default Linear/Conv bias init: U(+-1/sqrt(fan_in)), fan_in of the layer's weight."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def named_dense(axes: tuple[str, str], kernel_init=dense_init) -> dict:
+  """kernel_init / bias_init for a Dense layer [in, out] whose axes carry the logical names `axes`."""
+  return dict(kernel_init=logical.with_axes(kernel_init, axes),
+              bias_init=logical.with_axes(nn.initializers.zeros, axes[-1:]))
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+  """The MAE family's LayerNorm (eps 1e-6, float32), its scale and bias named by the residual width."""
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32,
+                      scale_init=logical.with_axes(nn.initializers.ones, (Axis.EMBED,)),
+                      bias_init=logical.with_axes(nn.initializers.zeros, (Axis.EMBED,)), name=name)
+
 
 REMAT_POLICIES = {
     "none": None,
@@ -87,22 +131,26 @@ def gelu_exact(x):
   return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def softmax_last(logits):
-  """Softmax over the last axis whose backward keeps only its output: g -> y * (g - sum(g * y))."""
+  """Softmax over the last axis whose derivatives need only its output y.
+
+  Forward mode: t -> y * t - y * sum(y * t). Reverse mode is JAX's transpose of that linear
+  map (the same map: it is symmetric): the backward pass keeps y alone, as a hand-written
+  VJP would, and jax.jvp / jax.linearize work too (a custom VJP has no forward mode).
+  Written as two products rather than y * (t - sum): its transpose then compiles, on
+  XLA:CPU, to the same bytes accessed and temporaries as the custom VJP it replaced (the
+  factored form, and jax.nn.softmax's own rule, cost 0.6% and 2% more bytes in the
+  quickstart MAE step).
+  """
   return jax.nn.softmax(logits, axis=-1)
 
 
-def _softmax_last_fwd(logits):
+@softmax_last.defjvp
+def _softmax_last_jvp(primals, tangents):
+  (logits,), (t,) = primals, tangents
   y = jax.nn.softmax(logits, axis=-1)
-  return y, y
-
-
-def _softmax_last_bwd(y, g):
-  return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
-
-
-softmax_last.defvjp(_softmax_last_fwd, _softmax_last_bwd)
+  return y, y * t - y * jnp.sum(y * t, axis=-1, keepdims=True)
 
 
 def attention_per_head(q, k, v):
@@ -113,7 +161,7 @@ def attention_per_head(q, k, v):
   for the backward pass. Plain [B, N, Dh] matmuls per head and a softmax whose backward
   needs only its output made attention forward + backward 1.5-3x faster at ViT shapes
   (and the official-size AMD step ~15-20% faster). Same numbers up to float rounding;
-  the softmax runs in float32. Reverse-mode differentiable only (custom VJP).
+  the softmax runs in float32. Differentiable in both modes (softmax_last's custom JVP).
   """
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   outs = []
@@ -141,11 +189,12 @@ class Attention(nn.Module):
     # 'fused': one learnable bias over all 3*width outputs (ImageMAE / timm);
     # 'qv': learnable q_bias and v_bias, the k bias a constant zero (VideoMAE/AMD);
     # 'none': no bias.
-    qkv = Dense(3 * self.width, use_bias=self.qkv_bias == "fused", kernel_init=dense_init,
-                   dtype=self.dtype, name="qkv")(x)
+    qkv = Dense(3 * self.width, use_bias=self.qkv_bias == "fused", dtype=self.dtype, name="qkv",
+                **named_dense((Axis.EMBED, Axis.QKV)))(x)
     if self.qkv_bias == "qv":
-      q_bias = self.param("q_bias", nn.initializers.zeros, (self.width,))
-      v_bias = self.param("v_bias", nn.initializers.zeros, (self.width,))
+      bias_init = logical.with_axes(nn.initializers.zeros, (Axis.HEADS,))
+      q_bias = self.param("q_bias", bias_init, (self.width,))
+      v_bias = self.param("v_bias", bias_init, (self.width,))
       qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh]
@@ -163,7 +212,7 @@ class Attention(nn.Module):
       # XLA picks the fused kernel (cuDNN flash attention on GPUs where it applies).
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     out = logical.constrain(out, logical.HEADS).reshape(b, n, self.width)
-    out = Dense(self.width, kernel_init=dense_init, dtype=self.dtype, name="proj")(out)
+    out = Dense(self.width, dtype=self.dtype, name="proj", **named_dense((Axis.HEADS, Axis.EMBED)))(out)
     return out, internals
 
 
@@ -174,9 +223,9 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    x = Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
+    x = Dense(self.hidden, dtype=self.dtype, name="fc1", **named_dense((Axis.EMBED, Axis.MLP)))(x)
     x = logical.constrain(gelu_exact(x), logical.MLP_HIDDEN)
-    return Dense(width, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
+    return Dense(width, dtype=self.dtype, name="fc2", **named_dense((Axis.MLP, Axis.EMBED)))(x)
 
 
 def drop_path(x, rate, deterministic: bool, rng_fn):
@@ -207,9 +256,8 @@ class Block(nn.Module):
     # the per-layer rate in as a traced scalar.
     drop_rate = self.drop_path_rate if drop_rate is None else drop_rate
     x = logical.constrain(x, logical.TOKENS)   # the residual stream between blocks
-    norm = functools.partial(nn.LayerNorm, epsilon=LN_EPS, dtype=jnp.float32)
     rng_fn = lambda: self.make_rng("dropout")
-    normed = norm(name="norm1")(x)
+    normed = layer_norm("norm1")(x)
     h, internals = Attention(self.width, self.num_heads, self.qkv_bias, self.dtype,
                              self.return_internals, self.attention, name="attn")(normed.astype(self.dtype))
     if self.return_norm1:
@@ -217,7 +265,7 @@ class Block(nn.Module):
     x = x + drop_path(h, drop_rate, deterministic, rng_fn).astype(x.dtype)
     if not self.use_mlp:
       return x, internals
-    h = Mlp(int(self.width * self.mlp_ratio), self.dtype, name="mlp")(norm(name="norm2")(x).astype(self.dtype))
+    h = Mlp(int(self.width * self.mlp_ratio), self.dtype, name="mlp")(layer_norm("norm2")(x).astype(self.dtype))
     x = x + drop_path(h, drop_rate, deterministic, rng_fn).astype(x.dtype)
     return x, internals
 
@@ -240,15 +288,26 @@ class _PatchProjection(nn.Module):
   width: int
   patch: tuple[int, ...]
   dtype: Any = jnp.float32
+  init_scheme: str = "mae"
 
   @nn.compact
   def __call__(self, patches):
+    check_init_scheme(self.init_scheme)
     channels = patches.shape[-1] // int(np.prod(self.patch))
     fan_axes = tuple(range(len(self.patch) + 1))
-    # MAE initialises the patch projection as a flattened Linear (xavier-uniform).
-    init = nn.initializers.xavier_uniform(in_axis=fan_axes, out_axis=-1)
-    kernel = self.param("kernel", init, self.patch + (channels, self.width))
-    bias = self.param("bias", nn.initializers.zeros, (self.width,))
+    if self.init_scheme == "videomae":
+      # The official VideoMAE/AMD code leaves its Conv3d at PyTorch's default init: weight and bias
+      # U(+-1/sqrt(fan_in)), fan_in = tubelet x patch x patch x channels.
+      kernel_init = torch_default_init(fan_axes)
+      bias_init = torch_default_bias_init(int(np.prod(self.patch)) * channels)
+    else:
+      # MAE initialises the patch projection as a flattened Linear (xavier-uniform), bias zero.
+      kernel_init = nn.initializers.xavier_uniform(in_axis=fan_axes, out_axis=-1)
+      bias_init = nn.initializers.zeros
+    patch_axes = (Axis.TUBELET, Axis.PATCH_HEIGHT, Axis.PATCH_WIDTH)[-len(self.patch):]
+    kernel = self.param("kernel", logical.with_axes(kernel_init, patch_axes + (Axis.CHANNELS, Axis.EMBED)),
+                        self.patch + (channels, self.width))
+    bias = self.param("bias", logical.with_axes(bias_init, (Axis.EMBED,)), (self.width,))
     y = jnp.dot(patches.astype(self.dtype), kernel.reshape(-1, self.width).astype(self.dtype))
     return y + bias.astype(self.dtype)
 
@@ -265,13 +324,14 @@ class PatchEmbed(nn.Module):
   patch_size: int
   tubelet_size: int = 0  # 0: images
   dtype: Any = jnp.float32
+  init_scheme: str = "mae"
 
   @nn.compact
   def __call__(self, x, keep=None):
     p = self.patch_size
     patch = (self.tubelet_size, p, p) if self.tubelet_size else (p, p)
     b, c = x.shape[0], x.shape[-1]
-    grid = [size // k for size, k in zip(x.shape[1:-1], patch)]
+    grid = list(token_grid(x.shape[1:], p, self.tubelet_size).shape)
     # [B, g0, k0, g1, k1, ..., C] -> [B, g0, g1, ..., k0, k1, ..., C]: row-major tokens, patches
     # flattened in the conv kernel's (*patch, C) order.
     x = x.reshape([b] + [d for pair in zip(grid, patch) for d in pair] + [c])
@@ -280,7 +340,7 @@ class PatchEmbed(nn.Module):
     x = x.reshape(b, int(np.prod(grid)), -1)
     if keep is not None:
       x = gather_tokens(x, keep)
-    return _PatchProjection(self.width, patch, self.dtype, name="proj")(x)
+    return _PatchProjection(self.width, patch, self.dtype, self.init_scheme, name="proj")(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,11 +358,24 @@ class TokenGrid:
 
 
 def token_grid(input_shape: Sequence[int], patch_size: int, tubelet_size: int = 0) -> TokenGrid:
-  """input_shape excludes batch: (H, W, C) or (T, H, W, C)."""
+  """input_shape excludes batch: (H, W, C) or (T, H, W, C). Raises ValueError when the patches
+  (tubelets) do not tile the input exactly: the official models never crop or pad."""
+  if len(input_shape) not in (3, 4):
+    raise ValueError(f"the encoder takes images [batch, height, width, channels] or videos [batch, frames, "
+                     f"height, width, channels]; got an input whose shape without the batch is "
+                     f"{tuple(input_shape)}")
+  h, w = input_shape[-3:-1]
+  if patch_size < 1 or h % patch_size or w % patch_size:
+    raise ValueError(f"the input's height x width {h}x{w} is not divisible by patch_size={patch_size}: "
+                     f"give images whose sides are multiples of {patch_size}, or a patch size that divides "
+                     f"both")
   if len(input_shape) == 4:
-    t, h, w, _ = input_shape
+    t = input_shape[0]
+    if tubelet_size < 1 or t % tubelet_size:
+      raise ValueError(f"the input's {t} frames are not divisible by tubelet_size={tubelet_size}: give a "
+                       f"number of frames that is a multiple of {tubelet_size}, or a tubelet size that divides "
+                       f"{t}")
     return TokenGrid((t // tubelet_size, h // patch_size, w // patch_size))
-  h, w, _ = input_shape
   return TokenGrid((h // patch_size, w // patch_size))
 
 
@@ -339,8 +412,10 @@ class Encoder(nn.Module):
   drop_path_rates: tuple[float, ...] = ()  # explicit per-block rates (len == depth); () = linear 0 -> drop_path
   attention: str = "xla"               # xla | cudnn: jax.nn.dot_product_attention implementation
   dist_token: bool = False             # DeiT/G2SD distillation token, right after cls (needs cls_token)
+  init_scheme: str = "mae"             # mae | videomae: the patch projection's init (module docstring)
 
   def _check_layers(self):
+    check_init_scheme(self.init_scheme)
     for name, layers in (("block_layers", self.block_layers), ("attn_layers", self.attn_layers),
                          ("norm1_layers", self.norm1_layers)):
       for l in layers:
@@ -365,18 +440,20 @@ class Encoder(nn.Module):
     is_video = inputs.ndim == 5
     grid = token_grid(inputs.shape[1:], self.patch_size, self.tubelet_size if is_video else 0)
     x = PatchEmbed(self.width, self.patch_size, self.tubelet_size if is_video else 0,
-                   self.dtype, name="patch_embed")(inputs, keep)   # only the kept tokens are embedded
+                   self.dtype, self.init_scheme, name="patch_embed")(inputs, keep)   # only kept tokens are embedded
     table = jnp.asarray(posemb.make_table(self.pos_emb, self.width, grid.shape, cls_token=False))
     x = x.astype(jnp.float32) + (table[None] if keep is None else jnp.take(table, keep.astype(jnp.int32), axis=0))
     if self.cls_token:
-      cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
+      cls = self.param("cls_token", logical.with_axes(nn.initializers.normal(0.02), logical.TOKEN_AXES),
+                       (1, 1, self.width))
       # The cls row of MAE's table is zeros, so cls + pos = cls.
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
     if self.dist_token:
       if not self.cls_token:
         raise ValueError("dist_token=True needs cls_token=True: the distillation token follows the cls token")
       # Added after the position embeddings, as DeiT does: it has no position of its own.
-      dist = self.param("dist_token", nn.initializers.truncated_normal(0.02), (1, 1, self.width))
+      dist = self.param("dist_token", logical.with_axes(nn.initializers.truncated_normal(0.02), logical.TOKEN_AXES),
+                        (1, 1, self.width))
       x = jnp.concatenate([x[:, :1], jnp.broadcast_to(dist, (x.shape[0], 1, self.width)), x[:, 1:]], axis=1)
     return logical.constrain(x, logical.TOKENS)
 
@@ -386,7 +463,7 @@ class Encoder(nn.Module):
     x = self.embed(inputs, keep)
     x, out = self.run_blocks(x, train=train)
     if self.final_norm:
-      x = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name="norm")(x)
+      x = layer_norm("norm")(x)
     return x, out
 
   def run_blocks(self, x, *, train: bool):
@@ -406,7 +483,8 @@ class Encoder(nn.Module):
       if self.remat != "none":
         body = nn.remat(body, policy=policy, prevent_cse=False)
       stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=0 if use_rates else nn.broadcast, length=depth)
+                      in_axes=0 if use_rates else nn.broadcast, length=depth,
+                      metadata_params={nn.PARTITION_NAME: Axis.LAYERS})   # the stacked axis's name
       x, ys = stack(block_kwargs, deterministic=not train, collect=bool(self.block_layers),
                     name="blocks")(x, jnp.asarray(rates, jnp.float32) if use_rates else None)
       for l in self.block_layers:
@@ -440,7 +518,8 @@ def encoder_from_config(model_cfg, **overrides) -> Encoder:
       width=width, depth=depth, num_heads=heads, patch_size=model_cfg.patch_size,
       tubelet_size=model_cfg.tubelet_size, mlp_ratio=model_cfg.mlp_ratio, cls_token=model_cfg.cls_token,
       qkv_bias=model_cfg.qkv_bias, pos_emb=model_cfg.pos_emb, dtype=jnp.dtype(model_cfg.dtype),
-      drop_path=model_cfg.drop_path, scan=model_cfg.scan, remat=model_cfg.remat, attention=model_cfg.attention)
+      drop_path=model_cfg.drop_path, scan=model_cfg.scan, remat=model_cfg.remat, attention=model_cfg.attention,
+      init_scheme=model_cfg.init_scheme)
   kwargs.update(overrides)
   return Encoder(**kwargs)
 

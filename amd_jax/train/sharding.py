@@ -162,21 +162,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # tree without names (a teacher read from a file) gets the fsdp layout and no tensor split.
 _FSDP_ONLY = ("fsdp",)
 PARAM_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (logical.LAYERS, ()),
-    (logical.QKV, ("tensor", "fsdp")),
-    (logical.HEADS, ("tensor", "fsdp")),
-    (logical.MLP, ("tensor", "fsdp")),
-    (logical.EMBED, _FSDP_ONLY),
-    (logical.ENCODER_EMBED, _FSDP_ONLY),
-    (logical.TEACHER_EMBED, _FSDP_ONLY),
-    (logical.STUDENT_HEADS, _FSDP_ONLY),
-    (logical.TEACHER_HEADS, _FSDP_ONLY),
-    (logical.TUBELET, _FSDP_ONLY),
-    (logical.PATCH_HEIGHT, _FSDP_ONLY),
-    (logical.PATCH_WIDTH, _FSDP_ONLY),
-    (logical.CHANNELS, _FSDP_ONLY),
-    (logical.PATCH_PIXELS, _FSDP_ONLY),
-    (logical.CLASSES, _FSDP_ONLY),
+    (logical.Axis.LAYERS, ()),
+    (logical.Axis.QKV, ("tensor", "fsdp")),
+    (logical.Axis.HEADS, ("tensor", "fsdp")),
+    (logical.Axis.MLP, ("tensor", "fsdp")),
+    (logical.Axis.EMBED, _FSDP_ONLY),
+    (logical.Axis.ENCODER_EMBED, _FSDP_ONLY),
+    (logical.Axis.TEACHER_EMBED, _FSDP_ONLY),
+    (logical.Axis.STUDENT_HEADS, _FSDP_ONLY),
+    (logical.Axis.TEACHER_HEADS, _FSDP_ONLY),
+    (logical.Axis.TUBELET, _FSDP_ONLY),
+    (logical.Axis.PATCH_HEIGHT, _FSDP_ONLY),
+    (logical.Axis.PATCH_WIDTH, _FSDP_ONLY),
+    (logical.Axis.CHANNELS, _FSDP_ONLY),
+    (logical.Axis.PATCH_PIXELS, _FSDP_ONLY),
+    (logical.Axis.CLASSES, _FSDP_ONLY),
 )
 # The order in which mesh axes are placed: tensor's place is fixed by the layer's role, fsdp takes what is left.
 _PARAM_MESH_AXES = ("tensor", "fsdp")
@@ -192,7 +192,7 @@ def param_spec(names: Sequence[str | None], shape: Sequence[int], mesh_shape: di
     return P()
   table = dict(rules)
   allowed = [table.get(name, _FSDP_ONLY) if name is not None else _FSDP_ONLY for name in names]
-  is_matrix = sum(name != logical.LAYERS for name in names) >= 2
+  is_matrix = sum(name != logical.Axis.LAYERS for name in names) >= 2
   spec: list[str | None] = [None] * len(shape)
   for axis in _PARAM_MESH_AXES:
     size = mesh_shape.get(axis, 1)
