@@ -363,8 +363,8 @@ def _decode_by_index(file: BinaryIO, indices_for: Callable[[int], np.ndarray], m
     return decode_from_keyframe(container, stream, index, indices_for(len(index)), cancelled)
 
 
-def _decode_from_start(file: BinaryIO, indices_for: Callable[[int], np.ndarray],
-                       cancelled: threading.Event) -> np.ndarray:
+def decode_from_start(file: BinaryIO, indices_for: Callable[[int], np.ndarray],
+                      cancelled: threading.Event | None = None) -> np.ndarray:
   """The wanted frames counted in decoding order from the first, for files without usable time stamps."""
   with av.open(file) as container:
     stream = container.streams.video[0]
@@ -386,11 +386,15 @@ def _decode(path: str, indices_for: Callable[[int], np.ndarray], max_frame_pixel
     if frames is not None:
       return frames
     file.seek(0)
-    return _decode_from_start(file, indices_for, cancelled)
+    return decode_from_start(file, indices_for, cancelled)
 
 
-def _read_frames(path: str, indices_for: Callable[[int], np.ndarray], timeout_s: float | None,
-                 max_frame_pixels: int) -> np.ndarray:
+def read_frames(path: str, indices_for: Callable[[int], np.ndarray], *, timeout_s: float | None = None,
+                max_frame_pixels: int = 0) -> np.ndarray:
+  """The frames indices_for(video length) of a video file: uint8 [len(indices), H, W, 3].
+
+  What `read_clip` and `read_clips` are made of; raises like them.
+  """
   return run_with_timeout(lambda cancelled: _decode(path, indices_for, max_frame_pixels, cancelled),
                           timeout_s)
 
@@ -406,8 +410,8 @@ def read_clip(path: str, num_frames: int, stride: int, rng: np.random.Generator 
   seconds (None: DEFAULT_TIMEOUT_S; 0: no deadline). The caller decides whether
   to skip.
   """
-  return _read_frames(path, lambda length: sample_indices(length, num_frames, stride, rng), timeout_s,
-                      max_frame_pixels)
+  return read_frames(path, lambda length: sample_indices(length, num_frames, stride, rng),
+                     timeout_s=timeout_s, max_frame_pixels=max_frame_pixels)
 
 
 def read_clips(path: str, num_frames: int, stride: int, num_clips: int, *,
@@ -419,5 +423,5 @@ def read_clips(path: str, num_frames: int, stride: int, num_clips: int, *,
   def indices_for(length: int) -> np.ndarray:
     starts = spaced_starts(length, num_frames, stride, num_clips)
     return np.concatenate([clip_indices(length, num_frames, stride, s) for s in starts])
-  frames = _read_frames(path, indices_for, timeout_s, max_frame_pixels)
+  frames = read_frames(path, indices_for, timeout_s=timeout_s, max_frame_pixels=max_frame_pixels)
   return frames.reshape((num_clips, num_frames) + frames.shape[1:])
