@@ -203,12 +203,14 @@ def _open_local(path: str) -> BinaryIO:
     raise NotARegularFile(f"{path} is {_kind(mode)}, not a regular file")
   # O_NONBLOCK: should the path have become a FIFO since the stat, open() returns at once instead of
   # waiting for a writer; the descriptor is then checked for what it really is.
-  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+  nonblocking = getattr(os, "O_NONBLOCK", 0)  # POSIX (Linux, macOS)
+  fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_CLOEXEC", 0))
   try:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
       raise NotARegularFile(f"{path} is {_kind(mode)}, not a regular file")
-    os.set_blocking(fd, True)
+    if nonblocking:
+      os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
   except BaseException:
     os.close(fd)
