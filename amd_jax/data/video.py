@@ -327,13 +327,16 @@ def decode_from_keyframe(container, stream, index: FrameIndex, indices: np.ndarr
                          cancelled: threading.Event | None = None) -> np.ndarray | None:
   """Frames `indices` (positions in `index`), decoded from the last keyframe at or before the first.
 
-  None when the decoded frames do not line up with the index (a frame whose
-  time stamp the index does not hold, or a wanted frame never decoded): the
-  caller then decodes from the start instead.
+  None when the container cannot seek or the decoded frames do not line up with
+  the index (a frame whose time stamp the index does not hold, or a wanted frame
+  never decoded): the caller then decodes from the start instead.
   """
   first, last = int(np.min(indices)), int(np.max(indices))
-  container.seek(int(index.pts[index.keyframe_before(first)]), stream=stream, backward=True,
-                 any_frame=False)
+  try:
+    container.seek(int(index.pts[index.keyframe_before(first)]), stream=stream, backward=True,
+                   any_frame=False)
+  except av.FFmpegError:  # a container that cannot seek: decode from the start
+    return None
   position = {int(p): i for i, p in enumerate(index.pts)}
   wanted = set(int(i) for i in indices)
   frames: dict[int, np.ndarray] = {}
