@@ -97,6 +97,8 @@ def data_config() -> ml_collections.ConfigDict:
                                # an explicit count that disagrees with the data stops the run
       cache_max_bytes=1024**3,  # image_folder: hold the decoded images in memory when they fit (per process,
                                # num_workers=0 only); 0 = always decode from the files
+      video_timeout_s=60.0,    # video_list: seconds a video may take to open and decode before it is skipped
+                               # (and counted); 0 = no limit
       max_image_pixels=64_000_000,  # image files (video frames) with more pixels than this, read from the header,
                                # are skipped and counted, never decoded; 0 = no limit of our own
   ))

@@ -12,17 +12,24 @@ import os
 import sys
 
 # Before TensorFlow, XLA or libtpu load: their C++ banners and host probing are noise here (--verbose keeps them).
-if "--verbose" not in sys.argv:
+from amd_jax.train import hardware  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if "--verbose" in sys.argv:
+  os.environ["AMD_JAX_VERBOSE"] = "1"
+else:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # libtpu on a host without a TPU: skip it rather than let it probe (and print) at JAX's start.
+  os.environ.setdefault("JAX_PLATFORMS", hardware.platforms_without_absent_tpu() or "")
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from amd_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+from amd_jax import config_files, errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 EXIT_CODES = {"config": 2, "nonfinite": 3, "checkpoint": 4, "SIGTERM": 143, "SIGINT": 130}
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an amd_jax config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an amd_jax config file, or the name of a "
+                                          "shipped one (amd_vit_s_ssv2:runlocal).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and config.json "
                                "(a local path or a gs:// URL).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Keep other libraries' log lines (TensorFlow, XLA, orbax, ...).")
@@ -50,28 +57,42 @@ def main(argv):
                                        for k, v in sorted(final.items())), flush=True)
 
 
-def _config_error_text(error: BaseException) -> str:
-  """One line from what ml_collections / absl raise while loading a config file or applying an override."""
-  inner = error
-  while inner.__cause__ is not None or inner.__context__ is not None:
-    inner = inner.__cause__ or inner.__context__
-  text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
-  return " ".join(str(text).split())
+def _one_line(error: BaseException) -> str:
+  text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+  text = text.encode().decode("unicode_escape") if "\\n" in text else text   # a repr'd KeyError inside
+  return "; ".join(part.strip().strip("'") for part in text.strip("'").splitlines() if part.strip())
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  return error
 
 
 def parse_flags(argv):
   """absl's flag parsing; a config file that cannot be loaded, a misspelt config argument or an unknown
   --config.x.y field ends in one line (exit 2) instead of a traceback."""
   try:
-    return app.parse_flags_with_usage(argv)
+    argv = config_files.resolve_flag(argv)   # --config NAME: a shipped config (amd_jax/configs)
+  except errors.ConfigError as e:
+    stop(f"configuration error: {e}", EXIT_CODES["config"])
+  overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+  config_arg = ([a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")] or [None])[-1]
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.keys()   # a file that could not be loaded raises only when its config is first used
+    return rest
   except (AttributeError, KeyError) as e:   # ml_collections: an override names no config field
-    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     stop(f"configuration error: unknown config field in {', '.join(overrides) or 'the overrides'}: "
-         f"{_config_error_text(e)}", EXIT_CODES["config"])
+         f"{_one_line(e)}", EXIT_CODES["config"])
+  except flags.UnrecognizedFlagError as e:
+    stop(f"configuration error: {_one_line(e)}", EXIT_CODES["config"])
   except (flags.Error, OSError, ValueError, ImportError, SyntaxError) as e:   # the file or its argument
-    config_arg = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
-    stop(f"configuration error: cannot load the config{f' {config_arg!r}' if config_arg else ''}: "
-         f"{_config_error_text(e)}", EXIT_CODES["config"])
+    path = config_arg.split(":", 1)[0] if config_arg else ""
+    reason = f"no such file: {path}" if path and not os.path.exists(path) else _one_line(_root_cause(e))
+    stop(f"configuration error: cannot load the config{f' {config_arg!r}' if config_arg else ''}: {reason}",
+         EXIT_CODES["config"])
 
 
 def stop(message: str, code: int, abandon_threads: bool = False):

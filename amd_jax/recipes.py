@@ -69,9 +69,10 @@ def amd_video(variant: str, dataset: str):
 
   Official: 32 GPUs x 16 clips with 4 repeated samples per clip = 2048 samples per
   step, 200 epochs ("800e" counting repeats), lr 2.4e-3 (1.2e-3 per 256 of the 512
-  unique clips), 10 warmup epochs, min lr 2e-5, grad clip 0.02. amd_jax has no
-  repeated sampling yet: 2048 distinct clips per step for 800 epochs presents as
-  many samples in as many steps; warmup is scaled to 40 epochs likewise.
+  unique clips), 10 warmup epochs, min lr 2e-5, grad clip 0.02. Here the same:
+  data.repeated_aug=4 (each decoded clip gives 4 independently cropped and masked
+  samples, consecutive in the batch), batch 2048 = 512 distinct clips, 200 epochs of
+  distinct clips (as many steps as the official run), 10 warmup epochs.
   """
   # The student side is VideoMAE's recipe; AMD adds the teacher and its own optimiser settings.
   c = with_method_fields(videomae(variant, dataset, epochs=800), "amd")
@@ -80,8 +81,9 @@ def amd_video(variant: str, dataset: str):
   c.teacher.mask_ratio = 0.75
   c.amd.update(student_layers="6,12", teacher_layers="12,24", align_loss="l2", shared_heads=True)
   c.batch_size = 2048
-  c.num_epochs = 800.0
-  c.optim.update(lr=2.4e-3, min_lr=2e-5, warmup_epochs=40.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
+  c.data.repeated_aug = 4
+  c.num_epochs = 200.0
+  c.optim.update(lr=2.4e-3, min_lr=2e-5, warmup_epochs=10.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
                  grad_clip=0.02)
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000

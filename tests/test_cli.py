@@ -87,7 +87,7 @@ def test_unknown_override_field_is_refused(tmp_path):
   proc = run_main(workdir, "--config.optim.lrr=1")
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "unknown config field in --config.optim.lrr" in proc.stderr
-  assert 'Did you mean "lr"' in proc.stderr   # ml_collections' suggestion is kept
+  assert "Did you mean \"lr\"" in proc.stderr   # ml_collections' suggestion is kept
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
@@ -110,3 +110,42 @@ def test_workdir_of_another_run_is_refused_cleanly(smoke, tmp_path):
   assert sorted((os.path.relpath(root, workdir), tuple(sorted(files))) for root, _, files in os.walk(ckpt)) == before
   with open(os.path.join(workdir, "config.json")) as f:
     assert f.read() == config_before
+
+
+@pytest.mark.parametrize("config,expected", [
+    ("configs/test_tiny.py:stesp=3", "unknown config argument 'stesp'"),
+    ("configs/no_such_config.py", "no_such_config"),
+])
+def test_config_file_errors_are_one_line(tmp_path, config, expected):
+  proc = run_main(str(tmp_path / "run"), config=config)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("amd_jax:")]
+  assert len(lines) == 1 and "configuration error:" in lines[0], proc.stderr[-3000:]
+  assert expected in lines[0]
+  assert "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_each_configuration_message_is_printed_once(tmp_path):
+  proc = run_main(str(tmp_path / "run"), "--config.optim.lrr=1")
+  assert proc.returncode == 2
+  assert proc.stderr.count("unknown config field in --config.optim.lrr") == 1, proc.stderr[-3000:]
+
+
+def test_the_command_line_shows_progress_and_final_metrics_once(smoke):
+  _, proc = smoke
+  assert proc.stdout.count("final metrics:") == 1
+  assert "amd_jax: step 3/3: loss" in proc.stderr   # the log line of each window
+  assert "_hparams_" not in proc.stdout + proc.stderr and "allow_config_change" not in proc.stdout
+  # The whole run's throughput is the final one; windows are labelled as windows in TensorBoard.
+  final = dict(line.strip().split(": ") for line in proc.stdout.split("final metrics:", 1)[1].splitlines()
+               if ": " in line)
+  assert "examples_per_sec" in final and not any(k.startswith("window/") for k in final)
+
+
+def test_profile_steps_write_a_trace_tensorboard_reads(tmp_path):
+  proc = run_main(str(tmp_path / "run"), "--config.total_steps=4", "--config.profile_steps=2,3")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  traces = glob.glob(os.path.join(tmp_path, "run", "plugins", "profile", "*", "*.xplane.pb"))
+  assert traces, os.listdir(tmp_path / "run")
+  assert "profile of steps 2-3 written" in proc.stderr

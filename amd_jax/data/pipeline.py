@@ -163,6 +163,9 @@ def _check_fields(c) -> None:
   if not _is_int(c.cache_max_bytes) or c.cache_max_bytes < 0:
     _fail("cache_max_bytes", c.cache_max_bytes, "expected an integer >= 0 (0: never hold decoded images "
           "in memory)")
+  timeout = c.video_timeout_s
+  if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+    _fail("video_timeout_s", timeout, "expected seconds >= 0 (0: no limit)")
   if not _is_int(c.max_image_pixels) or c.max_image_pixels < 0:
     _fail("max_image_pixels", c.max_image_pixels, "expected an integer >= 0 (0: no limit of its own)")
   if c.source == "synthetic" and c.synthetic_size < 1:

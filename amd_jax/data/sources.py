@@ -792,7 +792,8 @@ class VideoListSource:
 
   def __init__(self, path: str, split: str, video_root: str, num_frames: int, sampling_rate: int,
                channels: int = 3, split_field: str = "config.data.split", *,
-               train_split: str | None = None, num_classes: int = 0, max_frame_pixels: int = 0):
+               train_split: str | None = None, num_classes: int = 0, max_frame_pixels: int = 0,
+               timeout_s: float = video_lib.DEFAULT_TIMEOUT_S):
     entries = read_video_list(video_list_file(path, split, split_field, train_split), video_root)
     if num_classes:
       entries.check_labels(num_classes)
@@ -802,13 +803,14 @@ class VideoListSource:
     self._stride = sampling_rate
     self._channels = channels
     self._max_frame_pixels = max_frame_pixels
+    self._timeout_s = timeout_s
 
   def __len__(self) -> int:
     return len(self._paths)
 
   def _read(self, index: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
     clip = video_lib.read_clip(self._paths[index], self._num_frames, self._stride, rng,
-                               max_frame_pixels=self._max_frame_pixels)
+                               max_frame_pixels=self._max_frame_pixels, timeout_s=self._timeout_s)
     return _example("video", transforms.match_channels(clip, self._channels), self._labels[index])
 
   def read(self, index: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
@@ -819,7 +821,7 @@ class VideoListSource:
     """num_clips clips evenly spaced in time, [num_clips, T, H, W, C]; bad files skipped."""
     def read(i: int) -> dict[str, np.ndarray]:
       clips = video_lib.read_clips(self._paths[i], self._num_frames, self._stride, num_clips,
-                                   max_frame_pixels=self._max_frame_pixels)
+                                   max_frame_pixels=self._max_frame_pixels, timeout_s=self._timeout_s)
       return _example("video", transforms.match_channels(clips, self._channels), self._labels[i])
     return read_with_fallback(len(self), index, read, self._paths.__getitem__)
 
@@ -940,7 +942,8 @@ def make_source(data_cfg, split: str, split_field: str = "config.data.split"):
   if c.source == "video_list":
     return VideoListSource(c.path, split, c.video_root, c.num_frames, c.sampling_rate,
                            c.channels, split_field, train_split=c.split,
-                           num_classes=resolve_num_classes(c), max_frame_pixels=c.max_image_pixels)
+                           num_classes=resolve_num_classes(c), max_frame_pixels=c.max_image_pixels,
+                           timeout_s=float(c.video_timeout_s))
   if c.source == "synthetic":
     return SyntheticSource(c.synthetic_size, split, c.modality, c.image_size, c.channels,
                            c.num_frames, c.num_classes)

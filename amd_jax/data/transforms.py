@@ -208,4 +208,7 @@ def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.
   std = np.asarray(std, np.float32)
   scale = (1.0 / (255.0 * std)).astype(np.float32)
   offset = (-mean / std).astype(np.float32)
-  return x.astype(np.float32) * scale + offset
+  y = x.astype(np.float32)   # in place from here: no temporaries the size of a clip
+  y *= scale
+  y += offset
+  return y

@@ -46,6 +46,16 @@ def checkpoint_dir(workdir: str) -> str:
   return weights.checkpoint_dir(workdir)
 
 
+def saved_step_names(workdir: str) -> list[str]:
+  """Names of the step folders in WORKDIR/checkpoints (complete or not); CheckpointError if it cannot be read."""
+  directory = checkpoint_dir(workdir)
+  try:
+    return [n for n in paths.listdir(directory) if n.isdigit()] if paths.exists(directory) else []
+  except OSError as e:
+    raise CheckpointError(f"cannot use the checkpoints folder {directory}: {root_cause(e)}. Nothing was changed; "
+                          "fix its permissions and rerun.") from None
+
+
 def root_cause(error: BaseException, limit: int = 300) -> str:
   """A short description of `error`: its root cause's first line (orbax wraps tensorstore errors
   in a message that runs to pages)."""
@@ -219,27 +229,37 @@ class Checkpointer:
                           "If the config changed, run it in a new --workdir; otherwise move the damaged steps away.")
 
   def _set_aside(self, steps: list[int]) -> None:
-    """Move unreadable steps out of orbax's sight, unchanged, so their step numbers can be saved again."""
+    """Move unreadable steps out of orbax's sight, unchanged, so their step numbers can be saved again:
+    to WORKDIR/unreadable_checkpoints/, or, when the step's own permissions forbid moving it to another
+    folder (a directory needs write permission on itself for that), to checkpoints/unreadable_<step>."""
     target_root = paths.join(paths.as_path(self.directory).parent, UNREADABLE_DIR)
     if jax.process_index() == 0:
       for step in steps:
         source = paths.as_path(paths.join(self.directory, str(step)))
-        target = paths.as_path(paths.join(target_root, str(step)))
-        n = 1
-        while target.exists():
-          n += 1
-          target = paths.as_path(paths.join(target_root, f"{step}-{n}"))
         try:
+          target = self._free_name(target_root, str(step))
           paths.makedirs(target_root)
           source.rename(target)
-        except OSError as e:
-          raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be restored, and it cannot be "
-                                f"moved aside to {target} ({root_cause(e)}). Move it away by hand and rerun.") from None
+        except OSError as first:
+          try:
+            target = self._free_name(self.directory, f"unreadable_{step}")
+            source.rename(target)
+          except OSError:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be restored, and it cannot be "
+                                  f"moved aside ({root_cause(first)}). Move it away by hand and rerun.") from None
         logging.warning("moved unreadable checkpoint step %d to %s (kept as it was).", step, target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("amd_jax:set_aside_unreadable_checkpoints")
     self.manager.reload()
+
+  @staticmethod
+  def _free_name(folder: str, name: str):
+    target, n = paths.as_path(paths.join(folder, name)), 1
+    while target.exists():
+      n += 1
+      target = paths.as_path(paths.join(folder, f"{name}-{n}"))
+    return target
 
   def wait(self) -> None:
     """Wait for the background save; a failure surfaces here as a CheckpointError."""

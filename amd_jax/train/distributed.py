@@ -17,34 +17,17 @@ Anything else is a single-process run and jax.distributed is left alone.
 """
 from __future__ import annotations
 
-import glob
 import os
 from typing import Mapping
 
 import jax
 from absl import logging
 
+from amd_jax.train import hardware
+
 _OFF = ("0", "false", "no")
 _ON = ("1", "true", "yes")
-_GOOGLE_PCI_VENDOR = "0x1ae0"
-# Google's virtual NIC (gVNIC) shares the vendor id; it sits in ordinary GCE VMs, TPUs or not.
-_GVNIC_PCI_DEVICE = "0x0042"
-
-
-def on_cloud_tpu_vm() -> bool:
-  """A Google TPU on this machine's PCI bus (what JAX's Cloud TPU set-up looks for too)."""
-  for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
-    try:
-      with open(path) as f:
-        vendor = f.read().strip()
-      if vendor != _GOOGLE_PCI_VENDOR:
-        continue
-      with open(os.path.join(os.path.dirname(path), "device")) as f:
-        if f.read().strip() != _GVNIC_PCI_DEVICE:
-          return True
-    except OSError:
-      continue
-  return False
+on_cloud_tpu_vm = hardware.on_cloud_tpu_vm
 
 
 def _int_env(env: Mapping[str, str], name: str) -> int:

@@ -6,6 +6,9 @@ FLOP/s over this peak. A chip not listed here has no MFU (a CPU, an unknown acce
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
+import os
 import re
 
 GIB = 1024 ** 3
@@ -57,3 +60,36 @@ def chip_of(device) -> Chip | None:
       if key in kind:
         return chip
   return None
+
+
+# ------------------------------------------------------------------ which accelerators this host has
+
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+# Google's virtual NIC (gVNIC) shares the vendor id; it sits in ordinary GCE VMs, TPUs or not.
+_GVNIC_PCI_DEVICE = "0x0042"
+
+
+def on_cloud_tpu_vm() -> bool:
+  """A Google TPU on this machine's PCI bus (what JAX's Cloud TPU set-up looks for too)."""
+  for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(path) as f:
+        vendor = f.read().strip()
+      if vendor != _GOOGLE_PCI_VENDOR:
+        continue
+      with open(os.path.join(os.path.dirname(path), "device")) as f:
+        if f.read().strip() != _GVNIC_PCI_DEVICE:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def platforms_without_absent_tpu(environ=os.environ) -> str | None:
+  """The JAX platforms to use when libtpu is installed (the [tpu] extra, amd_jax.aot) on a host without a TPU:
+  JAX would otherwise initialise libtpu at start, which prints screens of host-probing errors before falling
+  back. None: leave JAX to choose (JAX_PLATFORMS given, no libtpu, or a TPU present)."""
+  if environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None or on_cloud_tpu_vm():
+    return None
+  nvidia = bool(glob.glob("/dev/nvidia[0-9]*")) and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  return "cuda,cpu" if nvidia else "cpu"

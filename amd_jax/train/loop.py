@@ -256,7 +256,7 @@ def run(config, workdir: str) -> dict[str, float]:
   or source raises errors.ConfigError before anything is written; checkpoint faults raise
   checkpoint.CheckpointError.
   """
-  metrics.show_library_log()
+  metrics.quiet_library_logs()
   config_validation.validate(config)
   workdir = paths.resolve(workdir)
   config = resolve_data_fields(config, workdir)
@@ -332,8 +332,7 @@ class _Run:
     self.saved_config = weights.read_run_config(workdir)
     if self.saved_config is None:
       return
-    has_steps = paths.isdir(checkpoint.checkpoint_dir(workdir)) and any(
-        n.isdigit() for n in paths.listdir(checkpoint.checkpoint_dir(workdir)))
+    has_steps = bool(checkpoint.saved_step_names(workdir))
     current = json.loads(c.to_json_best_effort())
     identity, settings = config_validation.resume_changes(self.saved_config, current)
     if not has_steps:
@@ -400,7 +399,8 @@ class _Run:
       logger.info("resumed from step %d in %s", self.latest, self.workdir)
       self._log_schedule_change()
     else:
-      self.state = trainer.initialise()
+      self.state = self.stop_request.interruptible(trainer.initialise, "initialising the train state",
+                                                   self.ckpt.directory)
       self._load_initial_weights()
     self.start_step = int(jax.device_get(self.state.step))
 

@@ -51,11 +51,14 @@ def show_library_log() -> None:
   logger.propagate = False   # not a second time through absl's (or the caller's) root handler
 
 
-class _QuietLibraries:
-  """absl log filter: INFO lines of checkpointing/IO libraries drown the training log."""
-  noisy = ("/orbax/", "/etils/", "/grain/", "/tensorflow/", "/gcsfs/", "/jax/_src/distributed")
+class _QuietLibraries(std_logging.Filter):
+  """absl log filter: INFO lines of checkpointing/IO libraries drown the training log; orbax's tracebacks of a
+  failed background save repeat an error the loop reports itself in one line (amd_jax.train.checkpoint)."""
+  noisy = ("/orbax/", "/etils/", "/grain/", "/tensorflow/", "/gcsfs/", "/optax/", "/jax/_src/distributed")
 
   def filter(self, record):
+    if "/orbax/" in record.pathname and record.exc_info:
+      return False
     return record.levelno >= 30 or not any(part in record.pathname for part in self.noisy)
 
 
@@ -72,11 +75,19 @@ class _DropKnownNoise(std_logging.Filter):
     return not any(p in message for p in self.phrases)
 
 
-def quiet_library_logs(verbose: bool = False) -> None:
-  """Silence other libraries' chatter unless `verbose`; always show the `amd_jax` logger."""
+_quieted = False
+
+
+def quiet_library_logs(verbose: bool | None = None) -> None:
+  """Silence other libraries' chatter unless `verbose` (default: AMD_JAX_VERBOSE=1); always show the `amd_jax`
+  logger. Called by amd_jax.run, so scripts and notebooks get the same quiet log as the command line."""
+  global _quieted
   show_library_log()
-  if verbose:
+  if verbose is None:
+    verbose = os.environ.get("AMD_JAX_VERBOSE", "") not in ("", "0")
+  if verbose or _quieted:
     return
+  _quieted = True
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   noise = _DropKnownNoise()
   for name in ("", "absl", "orbax", "gcsfs", "jax._src.xla_bridge"):
