@@ -317,7 +317,8 @@ def _load_torch_parts(source: str, teacher_cfg, expected_encoder, parts, data_cf
 
 def load_initial_params(source: str, expected: Mapping, config, *, parts: tuple[str, ...]) -> dict:
   """Every part of the trained model from `source` (config.init): a run of the same method, a to_flax
-  .npz, or a PyTorch checkpoint holding those parts; fitted to `expected` (the method's init tree)."""
+  .npz, or a PyTorch checkpoint holding those parts (an official AMD student: encoder, decoder, projection
+  heads and generators); fitted to `expected` (the method's init tree, whose top-level keys are `parts`)."""
   field = "config.init"
   _check_source(source, field)
   if is_run(source):
@@ -325,15 +326,16 @@ def load_initial_params(source: str, expected: Mapping, config, *, parts: tuple[
   elif source.endswith(".npz"):
     params, _ = convert.load_flax_params(source)
   else:
-    d = config.data
-    arch = convert.arch_from_config(config.model, decoder_cfg=config.get("decoder"), image_size=d.image_size,
-                                    num_frames=d.num_frames, in_chans=d.channels, video=d.modality == "video",
-                                    final_norm="norm" in expected.get("encoder", {}))
+    arch = convert.mapping.arch_from_run_config(config, final_norm="norm" in expected.get("encoder", {}))
+    converter_parts = [p for p in convert.mapping.PARTS if p != "classifier"]
     try:
-      params, _ = convert.load_torch_checkpoint(source, arch, parts=parts, scan=bool(config.model.scan))
+      params, report = convert.load_torch_checkpoint(source, arch, parts=converter_parts if arch.amd else
+                                                     [p for p in converter_parts if p != "amd"],
+                                                     scan=bool(config.model.scan))
     except (convert.ConversionError, FileNotFoundError, ValueError) as e:
       raise WeightsMismatchError(f"{field}={source!r}: {e}") from None
-  params = dict(params)
+    logging.info("%s: %s", source, report.summary())
+  params = {k: v for k, v in dict(params).items() if k in parts}
   if "encoder" in params and "encoder" in expected:
     params["encoder"] = fit_encoder(params["encoder"], expected["encoder"], config.model)
   check_fit(expected, params, source, what="initial", field="config.model / the method's fields")

@@ -213,3 +213,38 @@ def test_empty_teacher_is_refused():
   c = tiny_amd_config("image", teacher="")
   with pytest.raises(config_validation.ConfigError, match="teacher.checkpoint"):
     config_validation.validate(c)
+
+
+def test_an_official_amd_student_checkpoint_starts_a_run_whole(tmp_path, tiny_config):
+  """config.init: a PyTorch file in the official AMD names (encoder with projection heads, generators, decoder)
+  is converted whole and trained on; every part starts from it (the generators' mask tokens, which the
+  official state dict lacks, from amd_jax's init)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from amd_jax import convert  # pylint: disable=g-import-not-at-top
+  c = tiny_config("amd,video,steps=1")
+  c.teacher.checkpoint = "random"
+  method = get_method(c)
+  video = jnp.zeros((1, c.data.num_frames, c.data.image_size, c.data.image_size, c.data.channels))
+  params = jax.device_get(jax.jit(method.init)(jax.random.PRNGKey(7), {"video": video}))
+  params = jax.tree.map(lambda a: a + 0.01 * np.random.default_rng(0).standard_normal(a.shape).astype(np.float32),
+                        params)   # away from any init
+  arch = convert.arch_from_run_config(c)
+  state_dict = convert.flax_to_torch(params, arch, "amd", parts=("encoder", "decoder", "amd"))
+  assert any(k.startswith("encoder.projection_heads.") for k in state_dict)
+  assert any(k.startswith("generators.") for k in state_dict)
+  path = str(tmp_path / "checkpoint-799.pth")
+  torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}}, path)
+
+  run = tiny_config("amd,video,steps=1")
+  run.teacher.checkpoint, run.init = "random", path
+  run.optim.update(lr=1e-12, weight_decay=0.0)   # one step that moves nothing measurable
+  final = loop.run(run, str(tmp_path / "run"))
+  assert np.isfinite(final["loss_gen"])
+  trained = weights.load_params(str(tmp_path / "run"))
+  assert set(trained) == set(params) == {"encoder", "decoder", "projections", "generators"}
+  flat = lambda t: {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  got, want = flat(trained), flat(params)
+  for key in want:
+    if "mask_token" in key and "generators" in key:
+      continue
+    np.testing.assert_allclose(got[key], want[key], atol=1e-6, err_msg=key)
