@@ -4,16 +4,19 @@
 
 Each clip shows one Fashion-MNIST garment (train images for the train split,
 test images for the test split), shrunk to --garment_size pixels, gliding over a
-black --size x --size canvas: a random start, a random speed in [--min_speed,
+black --size x --size canvas: a random position, a random speed in [--min_speed,
 --max_speed] pixels per frame, one of 8 directions (multiples of 45 degrees),
 bouncing off the canvas edges. Every clip has two labels:
 
-  direction  the direction the garment sets off in, 0..7 (DIRECTIONS): right,
-             down-right, down, down-left, left, up-left, up, up-right. No single
-             frame can tell it (as in Something-Something). The start is drawn so
-             that the garment does not touch an edge during the first half of the
-             clip, so the labelled direction is the motion of at least half the
-             frames; a bounce later reflects the velocity.
+  direction  the direction the garment moves in at the middle frame (frame
+             --frames // 2), 0..7 (DIRECTIONS): right, down-right, down,
+             down-left, left, up-left, up, up-right. The garment's position at the
+             middle frame is drawn uniformly from a square that depends on the
+             speed alone, never on the direction, so that frame cannot tell it (as
+             in Something-Something); no bounce happens within --clear_steps
+             frames of it, so the clip's middle shows the labelled motion.
+             Elsewhere the garment bounces off the canvas edges (a bounce reflects
+             the velocity), forwards and backwards in time from the middle.
   garment    the Fashion-MNIST class, 0..9 (GARMENTS): appearance (as in Kinetics).
 
 Layout of DIR (the VideoMAE list format config.data.source='video_list' reads,
@@ -59,7 +62,7 @@ GARMENTS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Sh
 LABELS = ("direction", "garment", "joint")
 SPLITS = ("train", "test")
 META_FILE = "moving.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Near-transparent H.264 for grey garments on black (max decoded error a few grey levels); x264 on one thread
 # and FFmpeg's bitexact flags make the bytes a function of the frames alone.
 _X264_OPTIONS = {"crf": "12", "preset": "medium", "threads": "1"}
@@ -73,6 +76,7 @@ class MovingSpec:
   garment_size: int = 16    # the 28x28 Fashion-MNIST image is resized to this side
   min_speed: float = 1.0    # pixels per frame
   max_speed: float = 2.0
+  clear_steps: int = 2      # frames either side of the middle frame without a bounce
   fps: int = 8              # frame rate written into the files
   seed: int = 0
 
@@ -89,15 +93,19 @@ class MovingSpec:
       _flag_error("min_speed", self.min_speed, "must be > 0")
     if self.max_speed < self.min_speed:
       _flag_error("max_speed", self.max_speed, f"must be >= --min_speed={self.min_speed}")
-    room, steps = self.size - self.garment_size, self.free_steps
+    _check_int("clear_steps", self.clear_steps, 0)
+    if self.clear_steps > self.middle or self.middle + self.clear_steps > self.frames - 1:
+      _flag_error("clear_steps", self.clear_steps, f"the clear stretch around the middle frame {self.middle} must lie "
+                  f"inside the {self.frames} frames, i.e. <= {min(self.middle, self.frames - 1 - self.middle)}")
+    room, steps = self.size - self.garment_size, 2 * self.clear_steps
     if self.max_speed * steps > room:
       _flag_error("max_speed", self.max_speed,
-                  f"the first half of a clip ({steps} steps) must fit on the canvas without a bounce: "
-                  f"max_speed x {steps} <= size - garment_size = {room}, i.e. <= {room / steps:g}")
+                  f"the {steps} steps around the middle frame must fit on the canvas without a bounce: "
+                  f"max_speed x {steps} <= size - garment_size = {room}, i.e. <= {room / max(steps, 1):g}")
 
   @property
-  def free_steps(self) -> int:
-    """Frame steps at the start of a clip during which the garment never touches an edge."""
+  def middle(self) -> int:
+    """The frame whose motion the direction label names."""
     return self.frames // 2
 
 
@@ -123,7 +131,7 @@ class ClipPlan:
   image_index: int          # into the split's Fashion-MNIST images
   direction: int            # index into DIRECTIONS
   speed: float              # pixels per frame
-  start: tuple[float, float]  # (x, y) of the garment's top-left corner at frame 0
+  middle: tuple[float, float]  # (x, y) of the garment's top-left corner at the middle frame
 
 
 def velocity(direction: int, speed: float) -> np.ndarray:
@@ -146,19 +154,20 @@ def plan_clip(spec: MovingSpec, split: str, index: int, order: np.ndarray) -> Cl
   rng = np.random.default_rng([spec.seed, _split_code(split), 1, index])
   direction = index % len(DIRECTIONS)
   speed = float(rng.uniform(spec.min_speed, spec.max_speed))
-  travel = velocity(direction, speed) * spec.free_steps
+  # The middle position keeps the clear stretch on the canvas in every direction at this speed: its range is the
+  # same whatever the direction, so the middle frame says nothing about it.
+  margin = speed * spec.clear_steps
   room = spec.size - spec.garment_size
-  # The start range that keeps the garment inside the canvas for the first free_steps steps.
-  low, high = np.maximum(0.0, -travel), np.minimum(room, room - travel)
-  start = rng.uniform(low, high)
-  return ClipPlan(int(order[index % len(order)]), direction, speed, (float(start[0]), float(start[1])))
+  middle = rng.uniform(margin, room - margin, size=2)
+  return ClipPlan(int(order[index % len(order)]), direction, speed, (float(middle[0]), float(middle[1])))
 
 
 def trajectory(spec: MovingSpec, plan: ClipPlan) -> np.ndarray:
-  """int [frames, 2] top-left (x, y) per frame: straight motion reflected at the canvas edges."""
+  """int [frames, 2] top-left (x, y) per frame: straight motion through the middle position, reflected at the
+  canvas edges."""
   room = spec.size - spec.garment_size
-  t = np.arange(spec.frames)[:, None]
-  free = np.asarray(plan.start) + velocity(plan.direction, plan.speed) * t
+  t = np.arange(spec.frames)[:, None] - spec.middle
+  free = np.asarray(plan.middle) + velocity(plan.direction, plan.speed) * t
   folded = np.mod(free, 2 * room)   # a reflection at 0 and at `room` is a triangle wave of period 2 room
   bounced = np.where(folded > room, 2 * room - folded, folded)
   return np.rint(bounced).astype(np.int64)
@@ -324,6 +333,8 @@ def main(argv=None) -> int:
                       help="side of the garment in pixels (Fashion-MNIST's 28x28 resized)")
   parser.add_argument("--min_speed", type=float, default=defaults.min_speed, help="pixels per frame")
   parser.add_argument("--max_speed", type=float, default=defaults.max_speed, help="pixels per frame")
+  parser.add_argument("--clear_steps", type=int, default=defaults.clear_steps,
+                      help="frames either side of the middle frame without a bounce")
   parser.add_argument("--fps", type=int, default=defaults.fps, help="frame rate written into the files")
   parser.add_argument("--seed", type=int, default=defaults.seed)
   parser.add_argument("--fashion_mnist", default="",
@@ -331,7 +342,7 @@ def main(argv=None) -> int:
   parser.add_argument("--workers", type=int, default=0, help="encoding threads (default: one per CPU)")
   args = parser.parse_args(argv)
   spec = MovingSpec(frames=args.frames, size=args.size, garment_size=args.garment_size, min_speed=args.min_speed,
-                    max_speed=args.max_speed, fps=args.fps, seed=args.seed)
+                    max_speed=args.max_speed, clear_steps=args.clear_steps, fps=args.fps, seed=args.seed)
   try:
     generate(args.out, args.num_train, args.num_test, spec, fashion_mnist=args.fashion_mnist,
              workers=args.workers)
