@@ -6,12 +6,15 @@ configs are there in a wheel as in a checkout. `--config` takes either form:
   --config amd_vit_s_ssv2:runlocal          a shipped config by name (`.py` may be added)
   --config path/to/my_config.py:arg         any config file, as ml_collections loads it
 
+From Python, `load('quickstart:stage=mae,runlocal')` gives the ConfigDict that --config gives.
+
 A path that exists is always taken as the path; a bare name that is no file is looked up among the shipped
 configs (`names()` lists them). Nothing here imports JAX or another amd_jax module but `errors`.
 """
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import os
 from typing import Sequence
 
@@ -77,3 +80,14 @@ def resolve_flag(argv: Sequence[str], flag: str = "config") -> list[str]:
       elif arg == f"{dashes}{flag}" and i + 1 < len(out):
         out[i + 1] = resolve(out[i + 1])
   return out
+
+
+def load(spec: str):
+  """The ConfigDict of `--config spec` (a shipped name or a path, with its optional `:arg`), before any
+  --config.a.b=v override: the file's get_config(arg), or get_config() when there is no `:`."""
+  path, sep, arg = resolve(spec).partition(":")
+  stem = os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(f"amd_jax_config_{stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if sep else module.get_config()

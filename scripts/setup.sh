@@ -12,6 +12,10 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
 fi
 
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "amd_jax needs Python 3.11 or newer; python3 is $(python3 --version 2>&1)" >&2
+  exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
