@@ -204,8 +204,8 @@ def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.
 
   Written as x * a + b with a = 1 / (255 std), b = -mean / std: one fused pass.
   """
-  mean = np.asarray(mean, np.float64)
-  std = np.asarray(std, np.float64)
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
   # A std so small that 1/std is past float32's range gives Inf/NaN pixels: the run's NaN/Inf guard names
   # them (config.nan_policy); numpy's overflow warnings would only repeat it, at every batch.
   with np.errstate(over="ignore", invalid="ignore"):
