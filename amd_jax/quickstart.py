@@ -153,10 +153,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
   return holder.value
 
 
-def check_overrides(configs: Sequence[ml_collections.ConfigDict], overrides: Sequence[str]) -> None:
+def check_overrides(configs: Sequence[ml_collections.ConfigDict], overrides: Sequence[str],
+                    what: str = "the quickstart's configs") -> None:
+  """ConfigError for an override whose field none of `configs` has."""
   for override in overrides:
     if not any(has_field(c, override_field(override)) for c in configs):
-      raise errors.ConfigError(f"{override.split('=', 1)[0]} names no field of the quickstart's configs "
+      raise errors.ConfigError(f"{override.split('=', 1)[0]} names no field of {what} "
                                "(see docs/config_reference.md); nothing was run.")
 
 
