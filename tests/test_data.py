@@ -304,12 +304,19 @@ def test_worker_processes_are_deterministic_and_checkpointable():
   next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(3)]
-  it.close()
+  stop_workers(it)
   restored = iter(pipeline.make_train_dataset(c, global_batch_size=8, seed=0))
   restored.set_state(state)
   got = [next(restored) for _ in range(3)]
-  restored.close()
+  stop_workers(restored)
   assert_batches_equal(got, expected)
+
+
+def stop_workers(iterator):
+  """Stop an iterator's worker processes now (newer grain releases give multiprocess iterators close();
+  older ones stop at garbage collection, as the loop's _close_iterator allows)."""
+  if hasattr(iterator, "close"):
+    iterator.close()
 
 
 def test_process_slices_are_disjoint():
