@@ -24,6 +24,7 @@ import datetime
 import json
 import math
 import time
+import uuid
 from typing import Any
 
 import flax
@@ -323,7 +324,7 @@ class _Run:
     c, workdir = self.config, self.workdir
     try:
       paths.makedirs(workdir)
-      probe_file = paths.join(workdir, ".amd_jax_write_test")
+      probe_file = paths.join(workdir, f".amd_jax_write_test_{jax.process_index()}_{uuid.uuid4().hex[:8]}")
       paths.write_bytes(probe_file, b"")
       paths.as_path(probe_file).unlink()
     except OSError as e:
@@ -389,7 +390,7 @@ class _Run:
 
   def build_state(self) -> None:
     """Restore the newest readable checkpoint, or initialise (with the method's pre-trained start)."""
-    c, trainer = self.config, self.trainer
+    trainer = self.trainer
     self.data_iter = iter(self.dataset)
     self.latest = self.ckpt.latest_step()
     if self.latest is not None:
