@@ -167,6 +167,7 @@ def test_teacher_ratio_must_be_lower():
     config_validation.validate(c)
 
 
+@pytest.mark.slow
 def test_end_to_end_teacher_from_workdir_and_mismatch(tmp_path):
   """An MAE run's workdir serves as teacher; the student checkpoint holds no teacher; a misfit teacher stops."""
   teacher_cfg = config_base.base_config()
@@ -215,6 +216,7 @@ def test_empty_teacher_is_refused():
     config_validation.validate(c)
 
 
+@pytest.mark.slow
 def test_an_official_amd_student_checkpoint_starts_a_run_whole(tmp_path, tiny_config):
   """config.init: a PyTorch file in the official AMD names (encoder with projection heads, generators, decoder)
   is converted whole and trained on; every part starts from it (the generators' mask tokens, which the

@@ -44,6 +44,7 @@ def smoke(tmp_path_factory):
   return workdir, subprocess.CompletedProcess([], result["returncode"], result["stdout"], result["stderr"])
 
 
+@pytest.mark.slow
 def test_smoke_run_succeeds(smoke):
   workdir, proc = smoke
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -54,6 +55,7 @@ def test_smoke_run_succeeds(smoke):
   assert os.path.isdir(os.path.join(workdir, "checkpoints"))
 
 
+@pytest.mark.slow
 def test_overrides_take_effect(smoke):
   workdir, proc = smoke
   assert proc.returncode == 0, proc.stderr[-5000:]
@@ -92,6 +94,7 @@ def test_unknown_override_field_is_refused(tmp_path):
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
 
+@pytest.mark.slow
 def test_workdir_of_another_run_is_refused_cleanly(smoke, tmp_path):
   """A workdir holding another config's run: a sentence and exit code 2 (like any configuration error),
   not a traceback; the run in it is untouched."""
@@ -132,6 +135,7 @@ def test_each_configuration_message_is_printed_once(tmp_path):
   assert proc.stderr.count("unknown config field in --config.optim.lrr") == 1, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_the_command_line_shows_progress_and_final_metrics_once(smoke):
   _, proc = smoke
   assert proc.stdout.count("final metrics:") == 1
@@ -143,6 +147,7 @@ def test_the_command_line_shows_progress_and_final_metrics_once(smoke):
   assert "examples_per_sec" in final and not any(k.startswith("window/") for k in final)
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace_tensorboard_reads(tmp_path):
   proc = run_main(str(tmp_path / "run"), "--config.total_steps=4", "--config.profile_steps=2,3")
   assert proc.returncode == 0, proc.stderr[-3000:]

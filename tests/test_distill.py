@@ -369,6 +369,7 @@ def test_fashion_mnist_configs_share_the_quickstart_budget():
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_end_to_end_teachers_from_workdirs(tmp_path):
   """MAE teacher run -> D-MAE student from its workdir -> TinyMIM student distilled from the D-MAE student's
   workdir (sequential distillation); the MAE workdir's params are exactly a G2SD teacher."""

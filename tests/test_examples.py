@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,6 +16,7 @@ def _env():
   return env
 
 
+@pytest.mark.slow
 def test_custom_loop_example_trains_and_the_loss_falls():
   cmd = [sys.executable, os.path.join(REPO, "examples", "custom_loop.py"), "--steps", "30", "--batch", "32",
          "--log_every", "5"]

@@ -26,6 +26,8 @@ import pytest
 from amd_jax import errors, weights
 from amd_jax.train import checkpoint, guard, loop
 
+pytestmark = pytest.mark.slow   # whole runs of the loop and the command line with injected faults
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "test_tiny.py")
 NAN_STD = "1e-45"   # data.std that overflows float32: every normalised pixel is Inf/NaN

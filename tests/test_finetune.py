@@ -211,6 +211,7 @@ def pretrained(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_finetune_starts_from_the_pretrained_encoder(pretrained, tmp_path):
   c = tiny_finetune(steps=1)
   c.finetune.init = pretrained
@@ -224,6 +225,7 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained, tmp_path):
   np.testing.assert_array_equal(loaded["head"]["kernel"], fresh["head"]["kernel"])
 
 
+@pytest.mark.slow
 def test_pretrained_encoder_that_does_not_fit_names_keys(pretrained):
   c = tiny_finetune(steps=1, width=48, num_heads=2)
   c.finetune.init = pretrained
@@ -285,6 +287,7 @@ def test_specific_distillation_loss_and_gradients():
 
 @pytest.mark.parametrize("name", ["finetune_vit_s_ssv2", "finetune_vit_b_k400", "g2sd_sd_vit_s_in1k",
                                   "finetune_vit_s_in1k"])
+@pytest.mark.slow
 def test_recipe_runlocal_trains_and_evaluates(name, tmp_path):
   c = load_config(name, "runlocal")
   if c.data.modality == "video":   # a multi-view test as in the recipe, on the synthetic clips
@@ -300,6 +303,7 @@ def test_recipe_runlocal_trains_and_evaluates(name, tmp_path):
     assert 0.0 <= again["knn_top1"] <= 1.0 and 0.0 <= again["linear_probe_top1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_short_fashion_mnist_finetune_ends_far_above_chance(tmp_path):
   """From scratch (no pre-trained encoder to lean on), a small ViT: the fine-tuning loop alone must learn."""
   c = load_config("finetune_fmnist", "init=")
@@ -314,6 +318,7 @@ def test_short_fashion_mnist_finetune_ends_far_above_chance(tmp_path):
   assert result["eval/top1"] > 0.5, result   # chance is 0.1
 
 
+@pytest.mark.slow
 def test_tinymim_student_hands_over_its_encoder_with_the_last_mlp_off(tmp_path):
   pre = load_config("tinymim_vit_t_in1k", "runlocal")
   loop.run(pre, str(tmp_path / "pre"))

@@ -168,6 +168,7 @@ def interrupted(reference, cache_dir, tmp_path_factory):
               kill_log=(root / "kill.log").read_text(), final=final)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_step_reached_and_exits_143(interrupted):
   r = interrupted
   assert r["term_rc"] == 143 == preemption.exit_code("SIGTERM"), r["term_log"][-3000:]
@@ -181,6 +182,7 @@ def test_sigterm_checkpoints_the_step_reached_and_exits_143(interrupted):
   assert f"resumed from step {stopped_at}" in r["kill_log"]
 
 
+@pytest.mark.slow
 def test_kill_9_and_sigterm_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(interrupted, reference):
   r = interrupted
   context = f"checkpoints at the kill: {r['steps_at_kill']}; log of the killed run:\n{r['kill_log'][-3000:]}"
@@ -197,6 +199,7 @@ def test_kill_9_and_sigterm_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(
 # ------------------------------------------------------------------- damaged checkpoints
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoints_fall_back_to_an_older_one(reference, tmp_path, caplog):
   """80: save interrupted (left in orbax's temporary name); 70: data files truncated; 60: commit
   marker missing (a partial copy). The run resumes from 50, sets 70 and 60 aside unchanged, and ends
@@ -225,6 +228,7 @@ def test_damaged_latest_checkpoints_fall_back_to_an_older_one(reference, tmp_pat
   assert tree_equal(weights.load_params(reference, 70), weights.load_params(workdir, 70))
 
 
+@pytest.mark.slow
 def test_no_restorable_checkpoint_is_a_clear_error_and_moves_nothing(reference, tmp_path):
   workdir = str(tmp_path / "run")
   copy_truncated(reference, workdir, 20)
@@ -245,6 +249,7 @@ def test_no_restorable_checkpoint_is_a_clear_error_and_moves_nothing(reference, 
 # --------------------------------------------------------------------------- NaN / Inf
 
 
+@pytest.mark.slow
 def test_nan_stop_names_step_and_terms_and_leaves_checkpoints_untouched(reference, tmp_path):
   """Resumed at 40 with data that turns every input into Inf/NaN: the run stops at step 41 and the
   checkpoint it would have written at 50 is not written."""
@@ -261,6 +266,7 @@ def test_nan_stop_names_step_and_terms_and_leaves_checkpoints_untouched(referenc
   assert file_digests(os.path.join(workdir, "checkpoints")) == before
 
 
+@pytest.mark.slow
 def test_nan_skip_counts_skipped_steps_and_keeps_the_weights(reference, tmp_path):
   """Every step after the resume is non-finite: all are skipped, counted, and the weights and
   optimizer state stay those of the step-60 checkpoint."""
@@ -315,6 +321,7 @@ def _png(path, value):
   Image.fromarray(np.full((16, 16), value, np.uint8)).save(path)
 
 
+@pytest.mark.slow
 def test_undecodable_files_are_counted_in_the_logged_metrics(reference, tmp_path):
   root = tmp_path / "images"
   (root / "train" / "a").mkdir(parents=True)

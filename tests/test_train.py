@@ -18,6 +18,8 @@ from tensorboard.util import tensor_util
 from amd_jax import weights
 from amd_jax.train import loop
 
+pytestmark = pytest.mark.slow   # whole runs of the loop (every test reads one)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
 

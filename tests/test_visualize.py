@@ -130,6 +130,7 @@ def image_summaries(workdir, tag):
   return {e.step: Image.open(io.BytesIO(e.encoded_image_string)) for e in accumulator.Images(tag)}
 
 
+@pytest.mark.slow
 def test_training_writes_pictures_and_the_cli_draws_a_run(tmp_path, capsys):
   from amd_jax.train import loop  # pylint: disable=g-import-not-at-top
   c = tiny_config("amd")
