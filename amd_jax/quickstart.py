@@ -49,7 +49,6 @@ from ml_collections import config_flags
 
 from amd_jax import errors, evaluate, paths, probe
 from amd_jax.data import make_moving
-from amd_jax.methods import get_method
 from amd_jax.models import vit
 from amd_jax.train import checkpoint, loop, metrics, sharding
 

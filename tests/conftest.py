@@ -105,7 +105,7 @@ class GcsEmulator:
           return
       except OSError:
         if self.proc.poll() is not None:
-          raise RuntimeError("gcp-storage-emulator exited at start (is it installed? pip install .[test])")
+          raise RuntimeError("gcp-storage-emulator exited at start (is it installed? pip install .[test])") from None
         time.sleep(0.2)
     raise RuntimeError("gcp-storage-emulator did not start listening within 60 s")
 

@@ -27,7 +27,7 @@ def test_overrides_reach_every_stage_that_has_the_field(tmp_path):
                          ["--config.data.source=image_folder", f"--config.data.path={tmp_path}",
                           "--config.teacher.mask_ratio=0.4", "--config.optim.base_lr=0.002",
                           "--config.data.hflip=false"], runlocal=False)
-  for stage, config in plan.configs.items():
+  for config in plan.configs.values():
     assert (config.data.source, config.data.path, config.data.hflip) == ("image_folder", str(tmp_path), False)
     assert config.optim.base_lr == 0.002
   assert plan.configs["amd"].teacher.mask_ratio == 0.4   # only the AMD stage has a teacher view
