@@ -47,9 +47,17 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def is_run(source: str) -> bool:
-  """Whether `source` is the workdir of an amd_jax run (it holds config.json or checkpoints/)."""
-  return paths.isdir(source) and (paths.isfile(paths.join(source, CONFIG_FILE)) or
-                                  paths.isdir(paths.join(source, CHECKPOINT_DIR)))
+  """Whether `source` is the workdir of an amd_jax run: it holds checkpoints/, or a config.json of ours (a
+  transformers save_pretrained folder holds a config.json too, of its own kind: 'model_type', no 'method')."""
+  if not paths.isdir(source):
+    return False
+  if paths.isdir(paths.join(source, CHECKPOINT_DIR)):
+    return True
+  try:
+    saved = read_run_config(source)
+  except (ValueError, OSError):
+    return False
+  return isinstance(saved, dict) and "method" in saved
 
 
 def read_run_config(workdir: str) -> dict | None:
