@@ -197,6 +197,14 @@ def test_end_to_end_teacher_from_workdir_and_mismatch(tmp_path):
   from_file.total_steps = 1
   assert np.isfinite(loop.run(from_file, str(tmp_path / "student_pth"))["loss_dir"])
 
+  # ... and as a transformers save_pretrained folder (ViTMAEModel's), found to be one without being told.
+  hf_dir = str(tmp_path / "teacher_hf")
+  convert.export_torch({"encoder": weights.load_params(teacher_dir)["encoder"]}, hf_dir, arch, "hf_vitmae",
+                       parts=("encoder",))
+  from_hf = tiny_amd_config("image", teacher=hf_dir)
+  from_hf.total_steps = 1
+  assert np.isfinite(loop.run(from_hf, str(tmp_path / "student_hf"))["loss_dir"])
+
   bad = tiny_amd_config("image", teacher=teacher_dir)
   bad.teacher.model.width = 96  # does not fit the saved 64-wide teacher
   with pytest.raises(weights.WeightsMismatchError, match="mis-shaped") as err:
