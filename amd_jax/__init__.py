@@ -14,13 +14,33 @@ docs/api.md documents every name with an example.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+
+from amd_jax.train import hardware as _hardware
 
 __version__ = "0.1.0"
 
+
+def _skip_absent_tpu() -> None:
+  """With libtpu installed (the [tpu] extra) on a host without a TPU, JAX would initialise libtpu first and
+  print screens of host-probing errors before falling back to the CPU or GPU: name the platforms instead.
+  Nothing changes where JAX_PLATFORMS is set, where libtpu is absent, or on a TPU host."""
+  platforms = _hardware.platforms_without_absent_tpu()
+  if not platforms:
+    return
+  if "jax" in sys.modules:   # imported before amd_jax: still in time unless a backend has started
+    sys.modules["jax"].config.update("jax_platforms", platforms)
+  else:
+    os.environ["JAX_PLATFORMS"] = platforms
+
+
+_skip_absent_tpu()
+
 # Submodules reachable as attributes (amd_jax.masking, ...) without importing them up front.
-_SUBMODULES = ("config_base", "config_validation", "convert", "data", "errors", "losses", "masking", "methods",
-               "models", "evaluate", "mixup", "paths", "probe", "progress", "quickstart", "recipes", "targets", "train",
-               "visualize", "weights")
+_SUBMODULES = ("config_base", "config_files", "config_validation", "convert", "data", "errors", "losses", "masking",
+               "methods", "models", "evaluate", "mixup", "paths", "probe", "progress", "quickstart", "recipes",
+               "targets", "train", "visualize", "weights")
 
 # public name -> (module, attribute in that module)
 _EXPORTS: dict[str, tuple[str, str]] = {
@@ -72,6 +92,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "teacher_config": ("amd_jax.config_base", "teacher_config"),
     "parse_arg": ("amd_jax.config_base", "parse_arg"),
     "parse_floats": ("amd_jax.config_base", "parse_floats"),
+    "load_config": ("amd_jax.config_files", "load"),
     "parse_ints": ("amd_jax.config_base", "parse_ints"),
     "with_method_fields": ("amd_jax.recipes", "with_method_fields"),
     "validate_config": ("amd_jax.config_validation", "validate"),

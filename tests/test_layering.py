@@ -22,11 +22,12 @@ LOWER_LAYERS = {
     "amd_jax.errors": (),
     "amd_jax.paths": (),
     "amd_jax.config_base": (),
+    "amd_jax.config_files": ("amd_jax.errors",),
     "amd_jax.models": ("amd_jax.errors",),
     "amd_jax.masking": ("amd_jax.errors",),
     "amd_jax.targets": ("amd_jax.errors",),
     "amd_jax.losses": ("amd_jax.errors",),
-    "amd_jax.data": ("amd_jax.errors", "amd_jax.paths", "amd_jax.config_base"),
+    "amd_jax.data": ("amd_jax.errors", "amd_jax.paths", "amd_jax.config_base", "amd_jax.config_files"),
     "amd_jax.convert": ("amd_jax.errors", "amd_jax.paths", "amd_jax.models", "amd_jax.progress"),
     "amd_jax.weights": ("amd_jax.errors", "amd_jax.paths", "amd_jax.models", "amd_jax.convert"),
 }

@@ -24,6 +24,7 @@ import json
 import os
 from typing import Iterable, Mapping
 
+import flax
 from absl import logging
 
 from amd_jax import paths
@@ -236,6 +237,7 @@ def export_torch(params: Mapping, path: str, arch: Arch, layout: str, *, parts: 
   hold. Every file is written all or nothing; existing ones only with overwrite.
   """
   path = os.fspath(path)
+  params = flax.core.meta.unbox(params)   # a module's own init keeps logical-axis metadata on each leaf
   wanted = mapping.export_parts(params, arch, parts)
   encoder = mapping.split_params(params)["encoder"]
   full = {"format": torch_io.RECORD_FORMAT, "writer": "amd_jax.convert", "layout": layout,

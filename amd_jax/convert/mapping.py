@@ -1006,7 +1006,7 @@ def flax_to_torch(params: Mapping, arch: Arch, layout: str, *, parts: Iterable[s
   """
   if layout not in OFFICIAL_LAYOUTS:
     raise ValueError(f"export layout {layout!r}; allowed: {', '.join(OFFICIAL_LAYOUTS)}")
-  params = split_params(params)
+  params = split_params(nn.meta.unbox(params))   # a module's own init keeps logical-axis metadata on each leaf
   enc = params["encoder"]
   if is_scanned(enc):
     enc = unstack_blocks(enc)

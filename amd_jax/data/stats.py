@@ -39,8 +39,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from amd_jax import errors
-from amd_jax import paths
+from amd_jax import config_files, errors, paths
 from amd_jax.config_base import parse_floats
 from amd_jax.data import pipeline
 from amd_jax.data import sources
@@ -348,7 +347,10 @@ def main(argv):
   try:
     with data_cfg.unlocked():
       data_cfg.num_classes = 0  # reported below instead of stopping the measurement
-    pipeline.validate_data_config(data_cfg, splits=(split,))
+    checked = copy.deepcopy(data_cfg)
+    with checked.unlocked():   # what is measured is not checked: it may hold another data set's numbers
+      checked.mean = checked.std = pipeline.AUTO
+    pipeline.validate_data_config(checked, splits=(split,))
     stats = compute_stats(data_cfg, split=split, num_examples=_FLAGS["num_examples"].value)
     with data_cfg.unlocked():
       data_cfg.num_classes = configured_classes
@@ -364,9 +366,13 @@ def main(argv):
 
 
 def _parse_flags(argv):
-  """absl's parsing; a --config.x override naming no field ends in one line (exit 2), not a traceback."""
+  """absl's parsing (--config by shipped name or path); a --config.x override naming no field ends in one line
+  (exit 2), not a traceback."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return app.parse_flags_with_usage(config_files.resolve_flag(argv))
+  except errors.ConfigError as e:
+    print(f"amd_jax: configuration error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   except (AttributeError, KeyError) as e:
     inner = e.args[0] if e.args else e
     detail = (inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)).replace("\n", "; ")
