@@ -207,23 +207,25 @@ def build_trainer(config, mesh, schedule: Schedule) -> Trainer:
   spec = batch_spec(config.data, config.batch_size)
   batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_shard) for k, s in spec.items()}
   example = _one_example(spec)
-  boxed_params = jax.eval_shape(method.init, init_key, example)
-  params = sharding.unbox(boxed_params)
+  params = jax.eval_shape(method.init, init_key, example)
   tx, lr_schedule = optim.make_optimizer(config.optim, batch_size=config.batch_size,
                                          total_steps=schedule.total_steps, warmup_steps=schedule.warmup_steps,
                                          layer_scales=method.layer_scales(params))
   trainer = Trainer(config=config, mesh=mesh, method=method, schedule=schedule, tx=tx, lr_schedule=lr_schedule,
                     init_key=init_key, step_key=step_key, batch=batch, abstract_state=None, state_shardings=None)
   use_fsdp = mesh.shape["fsdp"] > 1
-  boxed_state = jax.eval_shape(
-      lambda: TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed_params,
-                         opt_state=jax.eval_shape(tx.init, params),
-                         ema_params=boxed_params if config.optim.ema_decay > 0 else None))
+
+  def state_with_axes():   # the train state with every parameter-shaped leaf carrying its logical axis names
+    p = method.init_with_axes(init_key, example)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                      ema_params=p if config.optim.ema_decay > 0 else None)
+
+  boxed_state = jax.eval_shape(state_with_axes)
   trainer.state_shardings = sharding.tree_shardings(boxed_state, mesh, fsdp=use_fsdp)
   trainer.abstract_state = _with_shardings(sharding.unbox(boxed_state), trainer.state_shardings)
   if method.has_teacher:
     t_key = jax.random.PRNGKey(config.seed + 1)
-    boxed_teacher = jax.eval_shape(method.teacher_init, t_key, example)
+    boxed_teacher = jax.eval_shape(method.teacher_init_with_axes, t_key, example)
     shard = {"auto": use_fsdp, "sharded": True, "replicated": False}[config.shard_teacher]
     trainer.teacher_shardings = sharding.tree_shardings(boxed_teacher, mesh, fsdp=shard)
     trainer.teacher = _with_shardings(sharding.unbox(boxed_teacher), trainer.teacher_shardings)
