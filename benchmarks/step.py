@@ -139,14 +139,9 @@ def apply_overrides(config, overrides: list[str]):
 
 
 def load_config(spec: str, overrides: list[str] = ()):
-  """'configs/x.py[:arg]' -> the file's get_config(arg), with 'a.b=v' overrides (as amd_jax.main takes them)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None) if arg else module.get_config()
-  return apply_overrides(config, list(overrides))
+  """'name[:arg]' or 'configs/x.py[:arg]' -> the config, with 'a.b=v' overrides (as amd_jax.main takes them)."""
+  from amd_jax import config_files  # pylint: disable=g-import-not-at-top
+  return apply_overrides(config_files.load(spec), list(overrides))
 
 
 # ------------------------------------------------------------------------------------------------ the step
