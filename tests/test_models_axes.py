@@ -94,13 +94,13 @@ def test_method_init_returns_plain_arrays(shipped_config, name):
   config = runlocal_config(shipped_config, name)
   method = get_method(config)
   batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in example_batch(config).items()}
-  params = method.init(jax.random.PRNGKey(0), batch)
+  params = jax.jit(method.init)(jax.random.PRNGKey(0), batch)
   leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
   assert leaves and all(isinstance(l, jax.Array) for l in leaves)
   boxed = jax.eval_shape(method.init_with_axes, jax.random.PRNGKey(0), batch)
   assert jax.tree.structure(params) == jax.tree.structure(logical.unbox(boxed))
   # The same values: init is init_with_axes unboxed.
-  again = logical.unbox(method.init_with_axes(jax.random.PRNGKey(0), batch))
+  again = logical.unbox(jax.jit(method.init_with_axes)(jax.random.PRNGKey(0), batch))
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)))
 
 

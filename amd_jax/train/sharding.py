@@ -213,7 +213,7 @@ def tree_specs(tree, mesh_shape: dict[str, int], fsdp: bool = True):
   init that keeps them) are laid out by their names, plain leaves (arrays, ShapeDtypeStructs) by fsdp alone."""
   def one(leaf):
     names = getattr(leaf, "names", None) if _is_boxed(leaf) else None
-    shape = tuple(nn.meta.unbox(leaf).shape)
+    shape = tuple(getattr(leaf, "value", leaf).shape)   # the box's value: no unbox hook (constraints) runs
     return param_spec(names if names is not None else (None,) * len(shape), shape, mesh_shape, fsdp)
   return jax.tree.map(one, tree, is_leaf=_is_boxed)
 
