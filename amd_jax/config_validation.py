@@ -6,6 +6,8 @@ silently ignored.
 """
 from __future__ import annotations
 
+import json
+
 import jax
 import ml_collections
 
@@ -126,7 +128,15 @@ _IDENTITY = ("method", "model.", "decoder.", "data.modality", "data.image_size",
 _OPERATIONAL = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "image_every_steps",
                 "allow_config_change", "eval.", "mesh.", "shard_teacher", "nan_policy", "nan_max_skips",
                 "profile_steps", "data.num_workers", "data.prefetch", "data.cache_max_bytes", "data.path",
-                "data.video_root", "model.remat", "model.attention")
+                "data.video_root", "model.remat", "model.attention", "model.init_scheme", "teacher.model.remat",
+                "teacher.model.attention", "teacher.model.init_scheme")
+
+
+def _merged(defaults: dict, saved: dict) -> dict:
+  out = dict(defaults)
+  for key, value in saved.items():
+    out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+  return out
 
 
 def _flatten(d, prefix=""):
@@ -157,6 +167,9 @@ def resume_changes(previous: dict, current: dict) -> tuple[list[str], list[str]]
     name = config.get("method")
     if name in methods.REGISTRY:
       method_fields.update(methods.method_field_names(name))
+  if previous.get("method") in methods.REGISTRY:   # a field newer than the saved run: its default
+    defaults = json.loads(methods.known_fields(previous["method"]).to_json_best_effort())
+    previous = _merged(defaults, previous)
   a, b = _flatten(previous), _flatten(current)
   identity, settings = [], []
   for key in sorted(set(a) | set(b)):

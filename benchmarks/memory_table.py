@@ -28,16 +28,13 @@ if "--devices_from_env" not in sys.argv:
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
-import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import importlib.util  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from amd_jax.methods import get_method  # pylint: disable=g-import-not-at-top,wrong-import-position
-from amd_jax.train import loop, optim, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from amd_jax.train import loop, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GIB = 2**30
 DEFAULT_LAYOUTS = "data=8;fsdp=8;data=2,fsdp=2,tensor=2;data=4,fsdp=2"
@@ -68,46 +65,28 @@ def abstract_with(tree, shardings):
 
 
 def compile_step(config, layout: dict[str, int], teacher_sharded: bool, constrain: bool = True) -> dict:
-  """Lower and compile the loop's step for `layout`; return its per-device memory analysis."""
+  """Lower and compile the loop's step (loop.build_trainer) for `layout`; return its per-device memory analysis."""
   config = config.copy_and_resolve_references()
   config.mesh.update(**layout)
-  method = get_method(config)
+  config.shard_teacher = "sharded" if teacher_sharded else "replicated"
   mesh = sharding.make_mesh(config.mesh)
-  d = config.data
-  batch = {"video": jax.ShapeDtypeStruct((config.batch_size, d.num_frames, d.image_size, d.image_size, d.channels),
-                                         jnp.float32),
-           "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
-  init_key, step_key = jax.random.split(jax.random.PRNGKey(0))
-  abstract_params = jax.eval_shape(method.init, init_key, batch)
-  tx, schedule = optim.make_optimizer(config.optim, batch_size=config.batch_size, total_steps=1000,
-                                      warmup_steps=10, layer_scales=method.layer_scales(abstract_params))
-
-  def init_state(rng, example):
-    params = method.init(rng, example)
-    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  abstract = jax.eval_shape(init_state, init_key, batch)
-  state_shardings = sharding.tree_shardings(abstract, mesh, fsdp=mesh.shape["fsdp"] > 1)
-  teacher = jax.eval_shape(method.teacher_init, jax.random.PRNGKey(1), batch)
-  teacher_shardings = sharding.tree_shardings(teacher, mesh, fsdp=teacher_sharded)
-  batch_shard = sharding.batch_sharding(mesh)
-  step = jax.jit(loop.make_train_step(method, tx, schedule, step_key),
-                 in_shardings=(state_shardings, batch_shard, teacher_shardings),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  schedule = loop.Schedule(examples_per_epoch=config.batch_size, steps_per_epoch=1, total_steps=1000,
+                           warmup_steps=10)
+  trainer = loop.build_trainer(config, mesh, schedule)
   t0 = time.perf_counter()
-  with sharding.activation_sharding(mesh, config.mesh) if constrain else contextlib.nullcontext():
-    lowered = step.lower(abstract_with(abstract, state_shardings),
-                         jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_shard), batch),
-                         abstract_with(teacher, teacher_shardings))
+  if constrain:
+    lowered = trainer.lower()
+  else:   # the same step without the logical activation constraints
+    lowered = trainer.step_fn().lower(trainer.abstract_state, trainer.batch, trainer.teacher)
   compiled = lowered.compile()
   seconds = time.perf_counter() - t0
   m = compiled.memory_analysis()
   out = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes, temp=m.temp_size_in_bytes,
              alias=m.alias_size_in_bytes, compile_seconds=seconds)
   out["total"] = out["argument"] + out["output"] + out["temp"]
-  params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract.params))
+  params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state.params))
   out["student_state_bytes"] = params * 3   # params + two Adam moments (f32), whole
-  out["teacher_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(teacher))
+  out["teacher_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.teacher))
   return out
 
 

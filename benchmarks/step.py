@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import inspect
 import os
 import platform
 import statistics
@@ -42,8 +41,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from amd_jax.methods import get_method  # pylint: disable=g-import-not-at-top,wrong-import-position
-from amd_jax.train import loop, optim, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from amd_jax.data import pipeline
+from amd_jax.train import loop, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks.md")
 
@@ -160,59 +159,35 @@ def synthetic_batch(config, batch_size: int | None = None, seed: int = 0) -> dic
 
 
 class StepBench:
-  """The loop's compiled train step on random params and a synthetic batch."""
+  """The loop's own compiled train step (loop.build_trainer: method, optimizer, shardings, donation, activation
+  rules) on freshly initialised params (a random teacher) and a synthetic batch."""
 
   def __init__(self, config, total_steps: int = 1000):
+    if not config.data.num_classes:   # 0: counted from the data, as a run does
+      config = config.copy_and_resolve_references()
+      config.data.num_classes = pipeline.num_classes(config.data)
     self.config = config
-    self.method = method = get_method(config)
     mesh = sharding.make_mesh(config.mesh)
-    example = synthetic_batch(config)
+    schedule = loop.Schedule(examples_per_epoch=config.batch_size, steps_per_epoch=1, total_steps=total_steps,
+                             warmup_steps=min(10, total_steps - 1))
+    trainer = loop.build_trainer(config, mesh, schedule)
+    self.method = method = trainer.method
     self.batch_size = config.batch_size
-    init_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    opt_kwargs = {}
-    if "layer_scales" in inspect.signature(optim.make_optimizer).parameters and hasattr(method, "layer_scales"):
-      opt_kwargs["layer_scales"] = method.layer_scales(jax.eval_shape(method.init, init_key, example))
-    tx, schedule = optim.make_optimizer(config.optim, batch_size=config.batch_size, total_steps=total_steps,
-                                        warmup_steps=min(10, total_steps - 1), **opt_kwargs)
-    ema_decay = float(config.optim.get("ema_decay", 0.0))
-    state_fields = inspect.signature(loop.TrainState).parameters
-
-    def init_state(rng):
-      params = method.init(rng, example)
-      extra = {"ema_params": params if ema_decay > 0 else None} if "ema_params" in state_fields else {}
-      return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), **extra)
-
-    abstract = jax.eval_shape(init_state, init_key)
-    use_fsdp = mesh.shape["fsdp"] > 1
-    state_shardings = sharding.tree_shardings(abstract, mesh, fsdp=use_fsdp)
-    batch_shard = sharding.batch_sharding(mesh)
-    self.teacher, teacher_shardings = None, None
+    example = synthetic_batch(config)
+    self.teacher = None
     if method.has_teacher:
-      t_key = jax.random.PRNGKey(config.seed + 1)
-      teacher = jax.jit(method.teacher_init)(t_key, example)
-      teacher_shardings = sharding.tree_shardings(teacher, mesh, fsdp=use_fsdp)
-      self.teacher = jax.device_put(teacher, teacher_shardings)
-    self.state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
-    self.batch = jax.device_put(example, batch_shard)
-
-    step_args = (method, tx, schedule, step_key)
-    if "ema_decay" in inspect.signature(loop.make_train_step).parameters:
-      step_args += (ema_decay,)
-    step_fn = jax.jit(loop.make_train_step(*step_args),
-                      in_shardings=(state_shardings, batch_shard, teacher_shardings),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
-    abstract_batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_shard),
-                                  self.batch)
+      teacher = jax.jit(method.teacher_init)(jax.random.PRNGKey(config.seed + 1), example)
+      self.teacher = jax.device_put(teacher, trainer.teacher_shardings)
+    self.state = trainer.initialise()
+    self.batch = jax.device_put(example, trainer.batch_sharding)
     t0 = time.perf_counter()
-    lowered = step_fn.lower(self.state, abstract_batch, self.teacher)
+    lowered = trainer.lower()
     t1 = time.perf_counter()
     self.compiled = lowered.compile()
     t2 = time.perf_counter()
     self.lower_s, self.compile_s = t1 - t0, t2 - t1
     self.memory = self.compiled.memory_analysis()
-    flops = method.flops_per_example(example)
-    self.flops_per_step = (3 * flops["student"] + flops["teacher"]) * self.batch_size
+    self.flops_per_step = trainer.flops_per_step()
     self.last_metrics = None
 
   def peak_bytes(self) -> float:

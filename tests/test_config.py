@@ -309,3 +309,13 @@ def test_parse_floats_and_ints():
     config_base.parse_floats("0.5,abc")
   with pytest.raises(ValueError):
     config_base.parse_ints("1.5")
+
+
+def test_a_field_newer_than_a_saved_run_is_not_a_change():
+  """A workdir written before a field existed resumes without a change: the absent field is its default."""
+  saved = tiny().to_dict()
+  del saved["model"]["init_scheme"], saved["optim"]["warmup_fraction"], saved["init"]
+  assert config_validation.resume_changes(saved, tiny().to_dict()) == ([], [])
+  current = tiny().to_dict()
+  current["optim"]["warmup_fraction"] = 0.1
+  assert config_validation.resume_changes(saved, current)[1] == ["optim.warmup_fraction: -1.0 -> 0.1"]

@@ -27,6 +27,7 @@ def validate_model(model_cfg, data_cfg, field: str = "model") -> tuple[int, int,
   errors.check_positive(f"{field}.patch_size", m.patch_size)
   errors.check_positive(f"{field}.mlp_ratio", m.mlp_ratio)
   errors.check_choice(f"{field}.attention", m.attention, ATTENTIONS)
+  errors.check_choice(f"{field}.init_scheme", m.init_scheme, vit.INIT_SCHEMES)
   if data_cfg.image_size % m.patch_size:
     errors.fail("data.image_size", data_cfg.image_size, f"must be divisible by {field}.patch_size={m.patch_size}")
   if data_cfg.modality == "video":
