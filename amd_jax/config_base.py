@@ -73,8 +73,9 @@ def data_config() -> ml_collections.ConfigDict:
       channels=1,              # 1 for Fashion-MNIST, 3 for RGB sources
       num_frames=16,           # video only
       sampling_rate=4,         # video only: stride between sampled frames
-      mean="0.2860",           # per-channel, comma-separated; 'auto': measured from the training split once
-      std="0.3530",            # (cached in WORKDIR/data_stats.json); `python -m amd_jax.data.stats` prints them
+      mean="0.2860",           # per-channel, comma-separated; 'auto': measured on the training split once (cached
+                               # in WORKDIR/data_stats.json); `python -m amd_jax.data.stats` prints them
+      std="0.3530",            # per-channel, comma-separated, or 'auto' (inputs are (x / 255 - mean) / std)
       crop_scale_min=0.2,      # random resized crop (images)
       crop_scale_max=1.0,
       hflip=True,
@@ -96,11 +97,11 @@ def data_config() -> ml_collections.ConfigDict:
       num_classes=0,           # 0: inferred (class folders, largest list label + 1, Fashion-MNIST 10, synthetic 10);
                                # an explicit count that disagrees with the data stops the run
       cache_max_bytes=1024**3,  # image_folder: hold the decoded images in memory when they fit (per process,
-                               # num_workers=0 only); 0 = always decode from the files
+                                # num_workers=0 only); 0 = always decode from the files
       video_timeout_s=60.0,    # video_list: seconds a video may take to open and decode before it is skipped
                                # (and counted); 0 = no limit
-      max_image_pixels=64_000_000,  # image files (video frames) with more pixels than this, read from the header,
-                               # are skipped and counted, never decoded; 0 = no limit of our own
+      max_image_pixels=64_000_000,  # image files (video frames) with more pixels than this, read from the
+                                    # header, are skipped and counted, never decoded; 0 = no limit of our own
   ))
 
 
@@ -151,8 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.init = ""                 # start the trained model from these weights (all its parts; the optimizer starts
                               # fresh): a workdir of the same method, a to_flax .npz, or a PyTorch checkpoint
                               # holding every part (e.g. an official AMD pre-training checkpoint); '' = random
-  c.profile_steps = ""        # 'A,B': write a jax.profiler trace of steps A..B into WORKDIR/profile (TensorBoard's
-                              # profile tab); '' = off
+  c.profile_steps = ""        # 'A,B': a jax.profiler trace of steps A..B in WORKDIR/plugins/profile
+                              # (TensorBoard's profile tab); '' = off
   c.shard_teacher = "auto"    # auto (shard like the student when fsdp > 1) | sharded | replicated
   c.model = model_config()
   c.decoder = decoder_config()
