@@ -109,8 +109,9 @@ def test_mae_grid_has_no_teacher_column_and_video_cells_hold_frames():
 
 def test_method_without_pixel_decoder_shows_original_and_attention():
   method, params, batch = init(tiny_config("mae"))
-  class Bare:  # what the pictures need of a method, without `reconstruct`
+  class Bare:  # what the pictures need of a method that draws no reconstructions (Method's default)
     config, encoder, input_key = method.config, method.encoder, method.input_key
+    can_reconstruct = False
 
   bare = Bare()
   columns = visualize.picture_columns(bare, params, batch, jax.random.PRNGKey(0), attention_block=2)
