@@ -1,7 +1,8 @@
 """Shared fixtures: the repository's paths, tiny configs, and a real GCS API served locally.
 
 The `gcs` fixture starts the PyPI package gcp-storage-emulator (an in-memory
-server speaking Google Cloud Storage's JSON API) on a free port, once per test
+server speaking Google Cloud Storage's JSON API; tests/gcs_emulator.py adds the
+object generations real GCS reports on downloads) on a free port, once per test
 session, and hands out a fresh gs:// prefix per test. The library meets it only
 through the standard environment variables Google's clients read:
 STORAGE_EMULATOR_HOST (google-cloud-storage, gcsfs) and TENSORSTORE_GCS_HTTP_URL
@@ -95,7 +96,7 @@ class GcsEmulator:
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(self.port),
+        [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator.py"), "start", "--host", "127.0.0.1", "--port", str(self.port),
          "--in-memory", "--default-bucket", BUCKET],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
