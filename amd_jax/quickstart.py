@@ -47,20 +47,30 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from amd_jax import errors, evaluate, paths, probe
+from amd_jax import config_files, errors, evaluate, paths, probe
 from amd_jax.data import make_moving
 from amd_jax.models import vit
 from amd_jax.train import checkpoint, loop, metrics, sharding
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory of the runs (default workdirs/quickstart, or "
-                               "workdirs/quickstart_video with --video).")
-_VIDEO = flags.DEFINE_bool("video", False, "The video story (moving garments) instead of Fashion-MNIST images.")
-_CONFIG = flags.DEFINE_string("config", None, "The quickstart's config file (default configs/quickstart.py, or "
-                              "configs/quickstart_video.py with --video). Its fields are overridden with "
-                              "--config.a.b=value.")
-_DATA = flags.DEFINE_string("data", None, "--video: the moving-garments folder to read (default WORKDIR/data, "
-                            "generated when absent).")
-_RUNLOCAL = flags.DEFINE_bool("runlocal", False, "A few steps per stage and small evaluations (smoke test).")
+# The quickstart's own flags are defined only when it runs as a program (see the end of the file), so that
+# importing this module beside amd_jax.main (tests, notebooks) defines no flag twice.
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def _define_flags() -> None:
+  _FLAGS["workdir"] = flags.DEFINE_string(
+      "workdir", None, "Parent directory of the runs (default workdirs/quickstart, or workdirs/quickstart_video "
+      "with --video).")
+  _FLAGS["video"] = flags.DEFINE_bool("video", False,
+                                      "The video story (moving garments) instead of Fashion-MNIST images.")
+  _FLAGS["config"] = flags.DEFINE_string(
+      "config", None, "The quickstart's config file, by shipped name or path (default quickstart, or "
+      "quickstart_video with --video). Its fields are overridden with --config.a.b=value.")
+  _FLAGS["data"] = flags.DEFINE_string(
+      "data", None, "--video: the moving-garments folder to read (default WORKDIR/data, generated when absent).")
+  _FLAGS["runlocal"] = flags.DEFINE_bool("runlocal", False,
+                                         "A few steps per stage and small evaluations (smoke test).")
+
 
 IMAGE_STAGES = ("teacher", "mae", "amd")
 VIDEO_STAGES = ("teacher", "videomae", "amd")
@@ -80,8 +90,8 @@ def load_config_module(path: str):
 
 
 def default_config_path(video: bool = False) -> str:
-  name = "quickstart_video.py" if video else "quickstart.py"
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", name)
+  """The shipped quickstart config (configs/ of a checkout, amd_jax/configs of an installed wheel)."""
+  return config_files.path_of("quickstart_video" if video else "quickstart")
 
 
 def _arg(**kw) -> str:
@@ -172,6 +182,9 @@ class Plan:
     self.workdir, self.video, self.runlocal = workdir, video, runlocal
     self.mode = "video" if video else "image"
     self.config_path = os.path.abspath(config_path)
+    if not os.path.isfile(self.config_path):
+      raise errors.ConfigError(f"--config={config_path!r} is not a file; give a quickstart config file such as "
+                               f"{default_config_path(video)}")
     self.overrides = list(overrides)
     self.module = load_config_module(self.config_path)
     self.data = data or (paths.join(workdir, "data") if video else None)
@@ -355,8 +368,12 @@ def ensure_moving_data(plan: Plan) -> dict | None:
     return None
   args = dict(plan.module.moving_data(plan.runlocal))
   counts = {k: args.pop(k) for k in ("num_train", "num_test")}
-  return make_moving.generate(plan.data, counts["num_train"], counts["num_test"], make_moving.MovingSpec(**args),
+  found = make_moving.read_meta(plan.data) if paths.isdir(plan.data) else None
+  t0 = time.perf_counter()
+  meta = make_moving.generate(plan.data, counts["num_train"], counts["num_test"], make_moving.MovingSpec(**args),
                               log=lambda m: logging.info("moving garments: %s", m))
+  generated = not (found and found.get("complete"))
+  return {**meta, "generated_seconds": time.perf_counter() - t0 if generated else None}
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -423,14 +440,20 @@ def _describe_data(plan: Plan, evaluation: dict | None) -> str:
           f"{evaluation['num_train']} train clips, scored on {evaluation['num_test']} test clips")
 
 
-def results_text(plan: Plan, command: str, table: str, pieces: Sequence[dict], evaluation: dict | None = None) -> str:
+def results_text(plan: Plan, command: str, table: str, pieces: Sequence[dict], evaluation: dict | None = None,
+                 moving: dict | None = None) -> str:
   total = sum(p["wall_seconds"] for p in pieces) / 60
   resumed = any(p.get("resumed") for p in pieces)
   title = "Video quickstart" if plan.video else "Quickstart"
+  generated = ""
+  if moving is not None:
+    seconds = moving.get("generated_seconds")
+    generated = (f"; generating the data took {seconds / 60:.1f} min" if seconds is not None else
+                 "; the data set was already in place")
   lines = [f"{title} results", "",
            f"Command: `{command}`",
            f"Finished: {_now()}; stages, controls and evaluation took {total:.1f} min"
-           + (" (some resumed: their times cover the last invocation only)" if resumed else "") + ".",
+           + (" (some resumed: their times cover the last invocation only)" if resumed else "") + generated + ".",
            f"Data: {_describe_data(plan, evaluation)}.",
            f"Device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPU cores.", "", table, ""]
   return "\n".join(lines)
@@ -450,10 +473,13 @@ def run(plan: Plan, command: str, log=print) -> str:
     raise errors.ConfigError(f"--workdir={plan.workdir!r} holds a quickstart run of other settings ({diffs}); "
                              "nothing was changed. Use another --workdir for these settings.")
   results = _read_json(paths.join(plan.workdir, RESULTS_JSON))
-  if results is not None and results.get("complete") and paths.isfile(paths.join(plan.workdir, RESULTS_MD)):
-    text = paths.read_text(paths.join(plan.workdir, RESULTS_MD))
-    log(f"{paths.resolve(plan.workdir)} holds a finished quickstart (`{results['command']}`, {results['date']}); "
-        f"nothing was run again. Its stored results ({RESULTS_MD}):\n\n{text}")
+  results_md = paths.join(plan.workdir, RESULTS_MD)
+  if paths.isfile(results_md) and (results is None or results.get("complete")):
+    text = paths.read_text(results_md)
+    origin = (f"a finished quickstart (`{results['command']}`, {results['date']})" if results is not None else
+              f"a {RESULTS_MD} without {RESULTS_JSON} (an earlier version's run: kept as it is)")
+    log(f"{paths.resolve(plan.workdir)} holds {origin}; nothing was run again. Its stored results "
+        f"({RESULTS_MD}):\n\n{text}")
     return text
   _write_json(settings_file, plan.settings())
   moving = ensure_moving_data(plan) if plan.video else None
@@ -469,7 +495,7 @@ def run(plan: Plan, command: str, log=print) -> str:
     table = image_table(plan, stages, controls["rows"])
     extra = {"controls": controls}
     pieces = list(stages.values()) + [controls]
-  text = results_text(plan, command, table, pieces, evaluation)
+  text = results_text(plan, command, table, pieces, evaluation, moving)
   paths.write_text(paths.join(plan.workdir, RESULTS_MD), text)
   _write_json(paths.join(plan.workdir, RESULTS_JSON), {"command": command, "date": _now(), "settings": plan.settings(),
                                                        "stages": stages, **extra, "complete": True})
@@ -502,11 +528,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   metrics.quiet_library_logs()
-  video = _VIDEO.value
-  workdir = _WORKDIR.value or ("workdirs/quickstart_video" if video else "workdirs/quickstart")
+  video = _FLAGS["video"].value
+  workdir = _FLAGS["workdir"].value or ("workdirs/quickstart_video" if video else "workdirs/quickstart")
   try:
-    plan = Plan(workdir, video, _CONFIG.value or default_config_path(video), _OVERRIDES, _RUNLOCAL.value,
-                data=_DATA.value)
+    config = _FLAGS["config"].value
+    plan = Plan(workdir, video, config_files.resolve(config) if config else default_config_path(video), _OVERRIDES,
+                _FLAGS["runlocal"].value, data=_FLAGS["data"].value)
     run(plan, _command(sys.argv[1:]), log=lambda text: print(text, flush=True))
   except errors.ConfigError as e:   # one line, once (absl's logging would print it a second time)
     print(f"amd_jax: configuration error: {e}", file=sys.stderr, flush=True)
@@ -515,4 +542,5 @@ def main(argv):
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  _define_flags()
   app.run(main, flags_parser=_parse_flags)

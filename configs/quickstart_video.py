@@ -28,7 +28,7 @@ from amd_jax import config_base, recipes
 
 STUDENT = dict(variant="S", width=64, depth=4, num_heads=2)
 TEACHER = dict(variant="S", width=128, depth=4, num_heads=4)
-EPOCHS = {"teacher": 8.0, "videomae": 6.0, "amd": 6.0}
+EPOCHS = {"teacher": 6.0, "videomae": 5.0, "amd": 5.0}
 FINETUNE_EPOCHS = 3.0
 STAGES = tuple(EPOCHS) + ("finetune",)
 # The data set the quickstart generates (amd_jax.data.make_moving's arguments), and its smoke-test size.
