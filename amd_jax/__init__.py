@@ -53,6 +53,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "VARIANTS": ("amd_jax.models.vit", "VARIANTS"),
     "MaskedTokenDecoder": ("amd_jax.models.decoders", "MaskedTokenDecoder"),
     "FeaturePredictor": ("amd_jax.models.decoders", "FeaturePredictor"),
+    "unbox": ("amd_jax.models.logical", "unbox"),
     # masks, targets, losses
     "Mask": ("amd_jax.masking", "Mask"),
     "NestedMask": ("amd_jax.masking", "NestedMask"),
