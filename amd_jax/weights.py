@@ -100,6 +100,7 @@ def load_params(workdir: str, step: int | None = None, subtree: str = "params"):
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
   registry.add("data", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+  registry.add("integrity", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)   # known, so orbax does not warn
   manager = ocp.CheckpointManager(path, handler_registry=registry,
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   try:
