@@ -870,9 +870,13 @@ def define_flags() -> None:
 
 
 def _config_name() -> str:
-  for arg in sys.argv[1:]:
+  """The --config value as given ('--config=x' or '--config x')."""
+  argv = sys.argv[1:]
+  for i, arg in enumerate(argv):
     if arg.startswith("--config="):
       return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
   return ""
 
 
