@@ -1,4 +1,4 @@
-"""AMD: asymmetric masked distillation (Zhao et al., CVPR 2024). Spec: shared/reference/amd.md.
+"""AMD: asymmetric masked distillation (Zhao et al., CVPR 2024). Spec: docs/methods/amd.md.
 
 A frozen MAE teacher sees more of the input than the student: one nested mask
 splits the tokens into student-visible < diff (teacher only) < masked. The

@@ -1,4 +1,4 @@
-"""D-MAE (MAE-lite, Wang et al., ICML 2023): MAE plus attention distillation. Spec: shared/reference/related-methods.md.
+"""D-MAE (MAE-lite, Wang et al., ICML 2023): MAE plus attention distillation. Spec: docs/methods/dmae.md.
 
 A frozen MAE teacher encoder runs on the SAME visible tokens as the student (one
 mask, shared). The student is trained with

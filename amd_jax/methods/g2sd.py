@@ -1,6 +1,6 @@
 """G2SD generic distillation (Huang et al., CVPR 2023): the student's decoder predicts the teacher decoder's features.
 
-Spec: shared/reference/related-methods.md. One random mask, SHARED by student and
+Spec: docs/methods/g2sd.md. One random mask, SHARED by student and
 teacher (the same visible tokens).
 - Teacher (frozen, a whole MAE: encoder AND decoder): encoder on the visible tokens ->
   final norm -> decoder_embed -> mask tokens -> fixed decoder position embedding ->

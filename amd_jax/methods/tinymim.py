@@ -1,6 +1,6 @@
 """TinyMIM (Ren et al., CVPR 2023): token-relation distillation from a frozen MIM teacher.
 
-Spec: shared/reference/related-methods.md. No mask and no decoder: student and
+Spec: docs/methods/tinymim.md. No mask and no decoder: student and
 teacher see the whole image (the same crop and flip from the data pipeline; the
 student's copy is additionally colour-jittered inside the loss). At the teacher's
 block `tinymim.teacher_layer` and at the student's LAST block, with
