@@ -65,6 +65,15 @@ def cache_path(cache: str, name: str, t: aot.Topology) -> str:
   return os.path.join(cache, f"{name}__{t.num_slices}x{t.name.replace(':', '_')}.json")
 
 
+def cached_row(cache: str, name: str, t: aot.Topology) -> dict | None:
+  """The cached JSON of one row (compiled or failed), or None when it was never compiled."""
+  path = cache_path(cache, name, t)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def run_row(name: str, t: aot.Topology, cache: str, max_compiles: int, timeout: int) -> dict:
   """One recipe on one topology through the command line; the JSON it writes (or the failure) is cached."""
   recipe_batch, batch = row_batch(name, t)
@@ -149,12 +158,9 @@ def main():
   todo = []
   for name in names:
     for t in tops:
-      path = cache_path(args.cache, name, t)
-      if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-          cached = json.load(f)
-        if "result" in cached or not args.retry_failed:
-          continue
+      cached = cached_row(args.cache, name, t)
+      if cached is not None and ("result" in cached or not args.retry_failed):
+        continue
       todo.append((name, t))
   print(f"{len(names) * len(tops)} rows, {len(todo)} to compile (cache {args.cache})", flush=True)
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
@@ -165,13 +171,7 @@ def main():
       status = "ok" if "result" in row else f"FAILED: {row.get('error', '')}"
       print(f"{row['recipe']} on {topology_label(futures[future][1])}: {status} ({row['wall_seconds']:.0f} s)",
             flush=True)
-  rows = []
-  for name in names:
-    for t in tops:
-      path = cache_path(args.cache, name, t)
-      if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-          rows.append(json.load(f))
+  rows = [row for name in names for t in tops if (row := cached_row(args.cache, name, t)) is not None]
   text = markdown(rows)
   command = "python benchmarks/aot_table.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--jobs"))
   with open(args.markdown, "w", encoding="utf-8") as f:
