@@ -61,6 +61,7 @@ from amd_jax import config_files, config_validation, errors, methods, paths  # p
 from amd_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from amd_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from amd_jax.models import check as model_check  # pylint: disable=g-import-not-at-top,wrong-import-position
+from amd_jax.models import platform  # pylint: disable=g-import-not-at-top,wrong-import-position
 from amd_jax.train import hardware, loop, metrics, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GIB = hardware.GIB
@@ -489,6 +490,14 @@ def compile_step(config, topology: Topology, *, config_name: str = "", overrides
   — from this compile whatever it holds (flagged when it has loops); 'none' — no speed figures.
   """
   errors.check_choice("speed", speed, ["auto", "as_compiled", "none"])
+  # Layers that choose a formulation per backend must trace the TPU one on this CPU host.
+  with platform.compiling_for("tpu"):
+    return _compile_step(config, topology, config_name=config_name, overrides=overrides,
+                         train_examples=train_examples, keep_hlo=keep_hlo, speed=speed)
+
+
+def _compile_step(config, topology: Topology, *, config_name: str, overrides: dict[str, Any] | None,
+                  train_examples: int | None, keep_hlo: bool, speed: str) -> Result:
   overrides = dict(overrides or {})
   config = with_overrides(config, overrides) if overrides else config
   config, data_notes = data_fields_for_compile(config)

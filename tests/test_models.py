@@ -14,7 +14,7 @@ import pytest
 from scipy.special import erf
 
 from amd_jax import config_base
-from amd_jax.models import classifier, decoders, logical, posemb, vit
+from amd_jax.models import classifier, decoders, logical, platform, posemb, vit
 
 W, D, H = vit.VARIANTS["tiny"]  # 32 wide, 2 deep, 2 heads
 
@@ -851,3 +851,31 @@ def test_decoder_mask_token_gradient(train_mask_token):
     assert g == 0
     # Other parameters still learn.
     assert np.abs(np.asarray(grads["blocks_0"]["mlp"]["fc1"]["kernel"])).max() > 0
+
+
+@pytest.mark.parametrize("qkv_bias", ["fused", "qv", "none"])
+def test_the_tpu_attention_has_the_cpu_ones_parameters_outputs_and_gradients(qkv_bias):
+  """Attention traces a head-major formulation for TPU (amd_jax.aot compiles it on this CPU host under
+  platform.compiling_for('tpu')): same parameter tree and values from init, same outputs and gradients."""
+  attn = vit.Attention(64, 4, qkv_bias, jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 64))
+  params = attn.init(jax.random.PRNGKey(1), x)
+  with platform.compiling_for("tpu"):
+    tpu_params = attn.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.structure(tpu_params) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(tpu_params)):
+    np.testing.assert_array_equal(a, b)
+
+  def loss(p):
+    return jnp.sum(attn.apply(p, x)[0] ** 2)
+
+  def matmuls():
+    return str(jax.make_jaxpr(lambda p: attn.apply(p, x))(params)).count("dot_general")
+
+  want_out, want_grad, cpu_matmuls = attn.apply(params, x)[0], jax.grad(loss)(params), matmuls()
+  with platform.compiling_for("tpu"):
+    got_out, got_grad, tpu_matmuls = attn.apply(params, x)[0], jax.grad(loss)(params), matmuls()
+  assert (cpu_matmuls, tpu_matmuls) == (2 + 2 * 4, 4)   # per head on CPU; all heads at once for TPU
+  np.testing.assert_allclose(got_out, want_out, atol=2e-6, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(want_grad), jax.tree.leaves(got_grad)):
+    np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4)

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 TOKENS = ("batch", "seq", "embed")          # residual stream [B, N, D]
 MLP_HIDDEN = ("batch", "seq", "mlp")        # fc1 output [B, N, mlp_ratio * D]
 HEADS = ("batch", "seq", "heads", "kv")     # q / k / v / attention output [B, N, H, Dh]
+HEADS_MAJOR = ("batch", "heads", "seq", "kv")   # the same, head-major [B, H, N, Dh] (the TPU path)
 
 
 class Axis:
