@@ -20,9 +20,14 @@ import argparse
 import os
 import sys
 
+os.environ["JAX_PLATFORMS"] = "cpu"   # as amd_jax.aot does when run as a program (see its top)
+for _name, _value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
+                      ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                      ("TF_CPP_MIN_LOG_LEVEL", "2")):
+  os.environ.setdefault(_name, _value)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from amd_jax import aot  # pylint: disable=g-import-not-at-top,wrong-import-position  (sets libtpu's env first)
+from amd_jax import aot  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position

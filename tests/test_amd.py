@@ -258,3 +258,30 @@ def test_an_official_amd_student_checkpoint_starts_a_run_whole(tmp_path, tiny_co
     if "mask_token" in key and "generators" in key:
       continue
     np.testing.assert_allclose(got[key], want[key], atol=1e-6, err_msg=key)
+
+
+def test_a_bfloat16_teacher_stored_cast_gives_the_same_loss_and_gradients():
+  """loop.teacher_storage keeps a bf16 teacher's matmul weights in bf16 (the model casts exactly those leaves
+  where it uses them) and its LayerNorms and tokens in float32: the step's numbers do not change."""
+  c = tiny_amd_config("video")
+  c.model.dtype = c.teacher.model.dtype = "bfloat16"
+  c.teacher.model.qkv_bias = "qv"
+  m = get_method(c)
+  batch = example(c)
+  params = m.init(jax.random.PRNGKey(0), batch)
+  tparams = jax.tree.map(np.asarray, m.teacher_init(jax.random.PRNGKey(5), batch))
+  stored = loop.teacher_storage(tparams, c.teacher.model.dtype)
+  kinds = jax.tree_util.tree_map_with_path(lambda p, x: (str(p[-1].key), str(x.dtype)), stored)
+  kinds = set(jax.tree.leaves(kinds, is_leaf=lambda x: isinstance(x, tuple)))
+  assert ("kernel", "bfloat16") in kinds and ("q_bias", "bfloat16") in kinds and ("scale", "float32") in kinds
+  assert all(dtype == "bfloat16" for name, dtype in kinds if name in ("kernel", "q_bias", "v_bias"))
+  assert loop.teacher_storage(tparams, "float32") is tparams
+
+  def loss_and_grads(tp):
+    return jax.value_and_grad(m.loss, has_aux=True)(params, tp, batch, jax.random.PRNGKey(2))
+
+  (want, want_aux), want_g = loss_and_grads(tparams)
+  (got, got_aux), got_g = loss_and_grads(stored)
+  assert float(got) == float(want)
+  for a, b in zip(jax.tree.leaves(want_g), jax.tree.leaves(got_g)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
