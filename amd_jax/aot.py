@@ -602,17 +602,34 @@ def _computations_with_convolution(text: str) -> set[str]:
   return found
 
 
+_LAYER_KINDS = ("attn", "mlp", "norm", "patch_embed")
+TPU_CLOCK_HZ = {"v5e": 1.5e9}   # the compiler's cycle estimates -> seconds (v5e: 197 TFLOP/s = 4 MXUs x 128^2 x 2 x 1.5 GHz)
+
+
+def _layer_kind(op_name: str) -> str:
+  """'.../blocks_3/attn/qkv/dot_general' -> 'attn'; the first of attn / mlp / norm / patch_embed named, else 'other'."""
+  for part in op_name.split("/"):
+    for kind in _LAYER_KINDS:
+      if part == kind or part.startswith(kind) and part[len(kind):].isdigit():
+        return kind
+  return "other"
+
+
 def hlo_summary(text: str) -> dict[str, Any]:
   """Where a compiled TPU step's work sits, read from its optimised HLO (each instruction once: loop bodies
   are not multiplied by their trip counts).
 
-  matmul_cycles_by_module: the TPU compiler's own cycle estimates of its matmul (convolution) fusions,
-  grouped by the model class the metadata names (forward / backward); collectives, copies and
+  cycles_by_part: the TPU compiler's cycle estimate of every top-level instruction that has one, by the
+  model class the metadata names (forward / backward) and the layer kind (attention, MLP, norm, patch
+  embedding, other); their sum at the chip's clock is close to the cost model's step time.
+  matmul_cycles_by_module: the same estimates for the matmul (convolution) fusions alone, by model
+  class (forward / backward); collectives, copies and
   transposes, dtype converts and float32 matmuls: instruction counts and output bytes per chip.
   """
   fused = set(_CALLS.findall(text))
   with_matmul = _computations_with_convolution(text)
-  current, summary = None, {"matmul_cycles_by_module": {}, "collectives": {}, "copies_and_transposes": {},
+  current, summary = None, {"cycles_by_part": {}, "matmul_cycles_by_module": {}, "collectives": {},
+                            "copies_and_transposes": {},
                             "converts": {"count": 0, "bytes": 0}, "float32_matmuls": {"count": 0, "bytes": 0},
                             "while_loops": 0}
   for line in text.splitlines():
@@ -630,9 +647,13 @@ def hlo_summary(text: str) -> dict[str, Any]:
     cycles = _CYCLES.search(line)
     called = _CALLS.search(line)
     is_matmul = op == "convolution" or (op == "fusion" and called is not None and called.group(1) in with_matmul)
+    name = _OP_NAME.search(line)
+    op_name = name.group(1) if name else ""
+    if cycles:
+      part = f"{_where(op_name)} / {_layer_kind(op_name)}"
+      summary["cycles_by_part"][part] = summary["cycles_by_part"].get(part, 0) + int(cycles.group(1))
     if cycles and is_matmul:
-      name = _OP_NAME.search(line)
-      key = _where(name.group(1) if name else "")
+      key = _where(op_name)
       summary["matmul_cycles_by_module"][key] = summary["matmul_cycles_by_module"].get(key, 0) + int(cycles.group(1))
       if shape.startswith("f32["):
         summary["float32_matmuls"]["count"] += 1
@@ -655,9 +676,16 @@ def hlo_summary(text: str) -> dict[str, Any]:
 
 
 def summary_text(summary: dict[str, Any]) -> str:
+  parts = summary.get("cycles_by_part", {})
+  every = sum(parts.values())
+  lines = [f"All cycles (the TPU compiler's estimates, loop bodies once): {every:,} "
+           f"({every / TPU_CLOCK_HZ['v5e'] * 1e3:,.1f} ms at v5e's 1.5 GHz), by model part / layer kind:"]
+  for key, value in sorted(parts.items(), key=lambda kv: -kv[1]):
+    if value / (every or 1) >= 0.002:
+      lines.append(f"  {key:<48} {value / (every or 1):6.1%}")
   cycles = summary["matmul_cycles_by_module"]
   total = sum(cycles.values()) or 1
-  lines = ["Matmul cycles (the TPU compiler's estimates, loop bodies once) by model part:"]
+  lines.append("Matmul cycles (the TPU compiler's estimates, loop bodies once) by model part:")
   for key, value in sorted(cycles.items(), key=lambda kv: -kv[1]):
     lines.append(f"  {key:<40} {value / total:6.1%}")
   for title, key in (("Collectives", "collectives"), ("Copies and transposes", "copies_and_transposes")):

@@ -113,6 +113,7 @@ def test_hlo_summary_groups_matmul_cycles_and_collectives():
       "}"])
   s = aot.hlo_summary(text)
   assert s["matmul_cycles_by_module"] == {"Encoder forward": 300, "Encoder backward": 100}
+  assert s["cycles_by_part"] == {"Encoder forward / other": 300, "Encoder backward / other": 100}
   assert s["collectives"] == {"all-reduce": {"count": 1, "bytes": 8 * 128 * 4}}
   assert s["copies_and_transposes"] == {"transpose": {"count": 1, "bytes": 128 * 8 * 4}}
   assert s["converts"] == {"count": 1, "bytes": 128 * 8 * 2}
