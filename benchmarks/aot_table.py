@@ -1,7 +1,8 @@
 """Every shipped recipe compiled for TPU pods by amd_jax.aot: fit, per-chip memory and modeled speed.
 
   python benchmarks/aot_table.py [--configs all|name,name] [--topologies 'v5e:16x16;v4:4x4x4;v5p:4x4x4;2xv5e:16x16'] \\
-      [--max_compiles 3] [--cache benchmarks/results/aot] [--markdown benchmarks/results/aot_table.md] [--jobs 1]
+      [--max_compiles 3] [--cache benchmarks/results/aot] [--markdown benchmarks/results/aot_table.md] [--jobs 1] \\
+      [--no_compile]
 
 One row = one recipe on one topology: `python -m amd_jax.aot --search` in a subprocess (its own
 libtpu and memory; a row that fails leaves the others alone), its JSON kept in --cache. A rerun
@@ -106,6 +107,12 @@ def run_row(name: str, t: aot.Topology, cache: str, max_compiles: int, timeout: 
   return row
 
 
+def not_compiled(name: str, t: aot.Topology) -> dict:
+  recipe_batch, batch = row_batch(name, t)
+  return {"recipe": name, "topology": t.name, "num_slices": t.num_slices, "batch": batch,
+          "recipe_batch": recipe_batch, "not_compiled": True}
+
+
 def _cell_layout(r: dict) -> str:
   flags_text = r["overrides_flags"].replace("--config.", "")
   return flags_text or "as the recipe"
@@ -119,6 +126,9 @@ def markdown(rows: list[dict]) -> str:
     batch = str(row["batch"]) if row["batch"] == row["recipe_batch"] else f"{row['batch']} (recipe {row['recipe_batch']})"
     topo = f"2x {row['topology']}" if row["num_slices"] == 2 else (
         f"{row['num_slices']}x {row['topology']}" if row["num_slices"] > 1 else row["topology"])
+    if row.get("not_compiled"):
+      lines.append(f"| {row['recipe']} | {topo} | {batch} | not compiled yet | | | | | | |")
+      continue
     if "result" not in row:
       lines.append(f"| {row['recipe']} | {topo} | {batch} | error | | | | | {row.get('error', '')[:120]} | |")
       continue
@@ -150,6 +160,8 @@ def main():
   parser.add_argument("--jobs", type=int, default=1, help="rows compiled at once (each uses a CPU core or more)")
   parser.add_argument("--retry_failed", action="store_true", help="rerun rows whose cached run failed")
   parser.add_argument("--timeout", type=int, default=7200, help="seconds per row")
+  parser.add_argument("--no_compile", action="store_true",
+                      help="compile nothing: write the table from the cache, rows not compiled yet marked so")
   args = parser.parse_args()
 
   names = recipe_names() if args.configs == "all" else [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -159,7 +171,7 @@ def main():
   for name in names:
     for t in tops:
       cached = cached_row(args.cache, name, t)
-      if cached is not None and ("result" in cached or not args.retry_failed):
+      if args.no_compile or cached is not None and ("result" in cached or not args.retry_failed):
         continue
       todo.append((name, t))
   print(f"{len(names) * len(tops)} rows, {len(todo)} to compile (cache {args.cache})", flush=True)
@@ -171,7 +183,7 @@ def main():
       status = "ok" if "result" in row else f"FAILED: {row.get('error', '')}"
       print(f"{row['recipe']} on {topology_label(futures[future][1])}: {status} ({row['wall_seconds']:.0f} s)",
             flush=True)
-  rows = [row for name in names for t in tops if (row := cached_row(args.cache, name, t)) is not None]
+  rows = [cached_row(args.cache, name, t) or not_compiled(name, t) for name in names for t in tops]
   text = markdown(rows)
   command = "python benchmarks/aot_table.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--jobs"))
   with open(args.markdown, "w", encoding="utf-8") as f:
