@@ -208,3 +208,29 @@ def test_cpu_run_is_unchanged_with_libtpu_installed(tiny_cpu_runs):
 def test_cpu_run_with_libtpu_installed_prints_no_libtpu_warnings(tiny_cpu_runs):
   noise = [l for l in tiny_cpu_runs["default"].stderr.splitlines() if any(w in l for w in LIBTPU_NOISE)]
   assert not noise, noise
+
+
+def _aot_table():
+  """benchmarks/aot_table.py as a module (benchmarks/ is not a package)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("aot_table", os.path.join(REPO, "benchmarks", "aot_table.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_aot_table_rows_are_loadable_recipes():
+  """Every row the table plans is a shipped recipe that loads, with its batch rounded up to the chips."""
+  table = _aot_table()
+  names = table.recipe_names()
+  assert "amd_vit_b_ssv2" in names and "finetune_vit_s_k400" in names
+  assert not [n for n in names if n.startswith(("_", "test_", "quickstart"))], names
+  v5e = table.parse_topology_spec("v5e:16x16")
+  two = table.parse_topology_spec("2xv5e:16x16")
+  assert (v5e.num_chips, two.num_slices, two.num_chips) == (256, 2, 512)
+  for name in names:
+    recipe_batch, batch = table.row_batch(name, v5e)
+    assert batch % v5e.num_chips == 0 and recipe_batch <= batch < recipe_batch + v5e.num_chips, name
+  # A row never compiled renders as such, with the batch it would compile.
+  text = table.markdown([table.not_compiled("amd_vit_b_ssv2", two)])
+  assert "| amd_vit_b_ssv2 | 2x v5e:16x16 | 2048 | not compiled yet |" in text
