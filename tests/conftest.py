@@ -65,6 +65,47 @@ def library_log(caplog):
   logger.removeHandler(caplog.handler)
 
 
+# ----------------------------------------------------------------- compilation cache
+
+# jax's persistent compilation cache: its config options and the environment variables jax reads them from.
+_CACHE_ENV = {"jax_compilation_cache_dir": "JAX_COMPILATION_CACHE_DIR",
+              "jax_persistent_cache_min_compile_time_secs": "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"}
+
+
+def session_root(tmp_path_factory):
+  """A temp dir shared by the whole test session, pytest-xdist workers included."""
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the whole session (xdist workers included), used by a module's runs
+  in this process and, through jax's environment variables, in the subprocesses they start from os.environ:
+  tiny runs of the same configs compile the same programs, and compiling is most of their time on a CPU.
+  Modules whose runs repeat programs ask for it (`pytest.mark.usefixtures("compilation_cache")`); it is undone
+  when the module ends. Yields the cache folder."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  path = str(session_root(tmp_path_factory) / "jax_cache")
+  values = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0.0}
+  old_config = {k: getattr(jax.config, k) for k in values}
+  old_env = {v: os.environ.get(v) for v in _CACHE_ENV.values()}
+  cc.reset_cache()
+  for option, value in values.items():
+    jax.config.update(option, value)
+    os.environ[_CACHE_ENV[option]] = str(value)
+  yield path
+  for option, value in old_config.items():
+    jax.config.update(option, value)
+  for name, value in old_env.items():
+    if value is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
+  cc.reset_cache()
+
+
 # ----------------------------------------------------------------- GCS emulator
 
 

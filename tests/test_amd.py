@@ -12,6 +12,10 @@ from amd_jax.methods import get_method
 from amd_jax.models import posemb
 from amd_jax.train import loop
 
+# Runs of the same configs compile the same programs: the session's compilation cache (conftest.py) compiles
+# each once, here and in the subprocesses started from os.environ.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 def tiny_amd_config(modality="image", teacher="random"):
   c = recipes.with_method_fields(config_base.base_config(), "amd")

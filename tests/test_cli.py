@@ -12,6 +12,11 @@ import sys
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+# Runs of the same configs compile the same programs: the session's compilation cache (conftest.py) compiles
+# each once, here and in the subprocesses started from os.environ.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

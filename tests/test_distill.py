@@ -17,6 +17,11 @@ from amd_jax.models import posemb, vit
 from amd_jax.train import loop
 from testlib import tiny_distill_config as tiny
 
+# Runs of the same configs compile the same programs: the session's compilation cache (conftest.py) compiles
+# each once, here and in the subprocesses started from os.environ.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -19,6 +19,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
+# Runs of the same configs compile the same programs: the session's compilation cache (conftest.py) compiles
+# each once, here and in the subprocesses started from os.environ.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ("README.md", "docs/api.md", "docs/getting_started.md")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)

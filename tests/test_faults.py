@@ -26,7 +26,9 @@ import pytest
 from amd_jax import errors, weights
 from amd_jax.train import checkpoint, guard, loop
 
-pytestmark = pytest.mark.slow   # whole runs of the loop and the command line with injected faults
+# Whole runs of the loop and the command line with injected faults; the session's compilation cache
+# (conftest.py) compiles the tiny config's programs once for all of them.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "test_tiny.py")
@@ -255,7 +257,9 @@ def test_sigterm_during_compilation_stops_within_seconds(tmp_path):
   """A deep unscanned model compiles for long on a CPU: SIGTERM then stops the run at once."""
   cmd = [sys.executable, "-m", "amd_jax.main", f"--config={TINY}", f"--workdir={tmp_path / 'run'}",
          "--config.model.depth=24", "--config.model.scan=False", "--config.decoder.depth=8"]
-  env = dict({k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, AMD_JAX_PROGRESS="0", PYTHONPATH=REPO)
+  # Without the compilation cache: this test needs the compile to take its time.
+  env = dict({k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")},
+             AMD_JAX_PROGRESS="0", PYTHONPATH=REPO)
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   seen = ""
   while "on mesh" not in seen:   # the line logged just before the state is built and the step compiled

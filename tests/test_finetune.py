@@ -15,6 +15,11 @@ from amd_jax.config_validation import ConfigError, validate
 from amd_jax.methods import get_method
 from amd_jax.train import loop, optim, sharding
 
+# Runs of the same configs compile the same programs: the session's compilation cache (conftest.py) compiles
+# each once, here and in the subprocesses started from os.environ.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

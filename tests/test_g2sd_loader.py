@@ -6,7 +6,7 @@ from amd_jax import config_base, convert, weights
 from amd_jax.train import loop
 from testlib import tiny_distill_config as tiny
 
-pytestmark = pytest.mark.slow   # whole G2SD runs through the loop
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]   # whole G2SD runs through the loop
 
 
 def test_g2sd_end_to_end_teacher_workdir_and_files(tmp_path):

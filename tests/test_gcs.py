@@ -21,7 +21,7 @@ from PIL import Image
 
 from amd_jax import convert, paths, weights
 
-pytestmark = [pytest.mark.gcs, pytest.mark.slow]
+pytestmark = [pytest.mark.gcs, pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "test_tiny.py")

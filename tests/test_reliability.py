@@ -28,7 +28,6 @@ from amd_jax import config_validation, weights
 from amd_jax.train import checkpoint, guard, loop, preemption
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
 
 # The run every test here starts from or compares with: 80 steps, a checkpoint every 10 (all kept).
 REF = dict(total_steps=80, checkpoint_every_steps=10, log_every_steps=10, keep_checkpoints=20)
@@ -37,19 +36,10 @@ NAN_STD = "1e-45"   # data.std that overflows float32: every normalised pixel is
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  """One persistent compilation cache for this module's runs, in-process and in subprocesses: they
-  compile the same step, and compiling is most of a tiny run's time on a CPU."""
-  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
-  path = str(tmp_path_factory.mktemp("jax_cache_test_reliability"))
-  old = {k: getattr(jax.config, k) for k in _CACHE_OPTIONS}
-  cc.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield path
-  for k, v in old.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
+def cache_dir(compilation_cache):
+  """The session's persistent compilation cache (conftest.py), for this module's runs in-process and in the
+  subprocesses it starts: they compile the same step, and compiling is most of a tiny run's time on a CPU."""
+  return compilation_cache
 
 
 def tiny(**overrides):

@@ -18,31 +18,17 @@ from tensorboard.util import tensor_util
 from amd_jax import weights
 from amd_jax.train import loop
 
-pytestmark = pytest.mark.slow   # whole runs of the loop (every test reads one)
+# Whole runs of the loop (every test reads one); runs of one config compile the same programs, which the
+# session's persistent compilation cache (conftest.py) compiles once.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
 
 
 def _session_root(tmp_path_factory):
   """A temp dir shared by the whole test session, pytest-xdist workers included."""
   root = tmp_path_factory.getbasetemp()
   return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Runs of one config compile the same programs: a persistent cache (for this module only, shared by
-  xdist workers) skips the repeats, which are most of a tiny run's time on a CPU."""
-  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
-  old = {k: getattr(jax.config, k) for k in _CACHE_OPTIONS}
-  cc.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", str(_session_root(tmp_path_factory) / "jax_cache_test_train"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
 
 
 def tiny(arg=None, **overrides):

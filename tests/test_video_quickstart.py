@@ -13,6 +13,11 @@ import pytest
 from amd_jax import quickstart
 from amd_jax.data import make_moving
 
+# Runs of the same configs compile the same programs: the session's compilation cache (conftest.py) compiles
+# each once, here and in the subprocesses started from os.environ.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart_video.py")
 SPEC = make_moving.MovingSpec(frames=16, size=32, garment_size=16, seed=1)
 

@@ -11,6 +11,10 @@ from PIL import Image
 from amd_jax import config_base, recipes, visualize
 from amd_jax.methods import get_method
 
+# Runs of the same configs compile the same programs: the session's compilation cache (conftest.py) compiles
+# each once, here and in the subprocesses started from os.environ.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 def tiny_config(method="amd", modality="image"):
   c = recipes.with_method_fields(config_base.base_config(), method)
